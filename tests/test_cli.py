@@ -1,0 +1,85 @@
+"""The ``s1kit`` command as a user runs it (a real subprocess, the real SmolLM2 model)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def s1kit(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "s1kit.cli", *args], capture_output=True, text=True, env=ENV,
+                          input=stdin, timeout=600)
+
+
+def completions(result):
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_generate_json_budgets(engine, tmp_path):
+    # engine fixture: the model is converted and cached before the subprocesses start
+    r = s1kit("generate", "--json", "--min-thinking", "48", "--max-thinking", "48", "--max-answer", "16",
+              "What is 17*23?")
+    (c,) = completions(r)
+    keys = {"prompt", "thinking", "answer", "thinking_tokens", "answer_tokens", "waits_used", "hit_cap", "finish_reason"}
+    assert keys <= c.keys() and c["prompt"] == "What is 17*23?"
+    assert c["thinking_tokens"] == 48
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 17*23?"}) + "\n" +
+                    json.dumps({"messages": [{"role": "user", "content": "Name a prime."}]}) + "\n")
+    r = s1kit("generate", "--json", "--max-thinking", "32", "--max-answer", "8", "--input", str(path),
+              "--think-open", "", "--stop-token", "<|im_end|>")
+    cs = completions(r)
+    assert len(cs) == 2
+    for c in cs:
+        assert c["thinking_tokens"] <= 32 and c["hit_cap"] == (c["thinking_tokens"] == 32)
+
+    r = s1kit("generate", "--json", "--waits", "2", "--max-thinking", "400", "--max-answer", "8", "What is 17*23?")
+    (c,) = completions(r)
+    assert c["waits_used"] == 2 or c["hit_cap"]
+
+
+def test_generate_human_output(engine):
+    r = s1kit("generate", "--min-thinking", "8", "--max-thinking", "8", "--max-answer", "8", "What is 2+2?")
+    assert r.returncode == 0 and "thinking 8 tok" in r.stdout and "cap hit" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-thinking", "-5", "x"], "max_thinking_tokens must be >= 0"),
+    (["--min-thinking", "64", "--max-thinking", "32", "x"], "exceeds max_thinking_tokens"),
+    (["--waits", "-1", "x"], "num_waits must be >= 0"),
+    (["--model", "no-such-model", "x"], "unknown model 'no-such-model'"),
+    (["--stop-token", "</reasoning>", "x"], "is not a single token"),
+    (["--format", "o1", "x"], "unknown thinking format"),
+    (["   "], "empty prompt"),
+    ([], "no prompt given"),
+    (["--input", "/nonexistent.jsonl"], "no such file"),
+    (["--temperature", "-1", "x"], "temperature must be >= 0"),
+])
+def test_bad_input_is_one_line_exit_2(engine, args, message):
+    r = s1kit("generate", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_malformed_input_file_names_file_and_line(engine, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{not json\n')
+    r = s1kit("generate", "--input", str(path))
+    assert r.returncode == 2 and f"{path}:2: not valid JSON" in r.stderr
+    path.write_text('{"text": "ok"}\n')
+    r = s1kit("generate", "--input", str(path))
+    assert r.returncode == 2 and f"{path}:1: no 'prompt'" in r.stderr
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in ("generate", "models"):
+        r = s1kit(cmd, "--help")
+        assert r.returncode == 0 and "Example: s1kit " + cmd in r.stdout

@@ -1,0 +1,107 @@
+"""The single-pass hf engine on the real SmolLM2-135M: exact budgets, and token-for-token equality with
+the s1 stop-and-continue reference loop for greedy float32 decoding on the CPU."""
+
+import pytest
+
+from s1kit import BudgetPolicy, Request, SamplingParams, ThinkingFormat
+from s1kit.engines.reference import hf_complete, stop_and_continue
+
+# The untrained-for-thinking model tends to close thinking at once in the s1 format; this custom format
+# lets it think in free text until it ends its turn, so long sampled thinking is covered too.
+PLAIN = ThinkingFormat("plain", think_open="", stop_tokens=("<|im_end|>",), answer_open="<|im_start|>answer\n",
+                       end_tokens=("<|im_end|>",))
+
+PROMPTS = [
+    "What is 17*23?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h? Show your reasoning.",
+    "Hi",
+    "List three prime numbers greater than 50 and explain how you checked that each one is prime.",
+]
+POLICIES = [
+    BudgetPolicy(max_thinking_tokens=24, max_answer_tokens=12),
+    BudgetPolicy(min_thinking_tokens=40, max_thinking_tokens=64, max_answer_tokens=12),
+    BudgetPolicy(num_waits=1, max_thinking_tokens=80, max_answer_tokens=12),
+    BudgetPolicy(num_waits=2, max_thinking_tokens=90, wait_strings=("Wait", " Hmm,"), max_answer_tokens=12),
+    BudgetPolicy(num_waits=3, max_thinking_tokens=120, wait_strings=("\nWait,", " Alternatively", "Wait"),
+                 max_answer_tokens=12),
+    BudgetPolicy(max_thinking_tokens=0, max_answer_tokens=10),
+    BudgetPolicy(max_answer_tokens=12),  # no forcing at all
+]
+
+
+def _requests():
+    out = []
+    for i, policy in enumerate(POLICIES):
+        for fmt in ("s1", PLAIN):
+            out.append(Request(PROMPTS[i % len(PROMPTS)], policy, fmt))
+    return out
+
+
+def test_single_pass_equals_reference_loop_token_for_token(engine):
+    requests = _requests()
+    assert engine.batch_size >= len(requests)  # one batch, prompts of different lengths
+    completions = engine.generate(requests)
+    complete = hf_complete(engine.model, engine.pad_id)
+    waits_seen = set()
+    for req, c in zip(requests, completions):
+        ids, tokens, cap = engine.prepare(req)
+        ref = stop_and_continue(ids, req.policy, tokens, complete, cap)
+        assert c.token_ids == ref.token_ids, f"mismatch for {req.policy} / {req.format.name}"
+        assert (c.thinking_tokens, c.waits_used, c.hit_cap, c.finish_reason) == (
+            len(ref.thinking_ids), ref.waits_used, ref.hit_cap, ref.finish_reason)
+        waits_seen.add(c.waits_used)
+    # the comparison exercised caps, waits of every count, and long free-running thinking
+    assert {0, 1, 2, 3} <= waits_seen
+    assert any(c.hit_cap for c in completions) and any(not c.hit_cap for c in completions)
+    assert max(c.thinking_tokens for c in completions) >= 60
+
+
+def test_budgets_are_exact_on_the_real_model(engine):
+    reqs = [
+        Request("What is 17*23?", BudgetPolicy(min_thinking_tokens=48, max_thinking_tokens=48, max_answer_tokens=8)),
+        Request("What is 17*23?", BudgetPolicy(max_thinking_tokens=32, max_answer_tokens=8), PLAIN),
+        Request("What is 17*23?", BudgetPolicy(num_waits=2, max_thinking_tokens=400, max_answer_tokens=8)),
+        Request("What is 17*23?", BudgetPolicy(max_thinking_tokens=0, max_answer_tokens=8)),
+    ]
+    exact, capped, waited, zero = engine.generate(reqs)
+    assert exact.thinking_tokens == 48 and exact.hit_cap
+    assert capped.thinking_tokens <= 32 and capped.hit_cap == (capped.thinking_tokens == 32)
+    assert waited.waits_used == 2 or waited.hit_cap
+    assert zero.thinking_tokens == 0 and zero.answer.startswith("Final Answer:")
+    for c in (exact, zero):
+        assert c.answer.startswith("Final Answer:")  # a capped answer opens with the prefix
+        text = engine.tokenizer.decode(c.token_ids)
+        assert "<|im_start|>answer\nFinal Answer:" in text
+
+
+def test_sampling_is_seeded_and_n_gives_distinct_samples(engine):
+    req = Request("Tell me a short story about a cat.", BudgetPolicy(max_thinking_tokens=16, max_answer_tokens=16),
+                  PLAIN, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, n=3))
+    a = engine.generate([req])
+    b = engine.generate([req])
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]  # same seed, same samples
+    assert [c.sample_index for c in a] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in a}) > 1  # the n samples differ
+    other = engine.generate([Request(req.prompt, req.policy, PLAIN, SamplingParams(temperature=1.0, seed=99))])
+    assert other[0].token_ids != a[0].token_ids
+
+
+def test_results_do_not_depend_on_batch_composition(engine):
+    reqs = [Request(p, BudgetPolicy(num_waits=1, max_thinking_tokens=40, max_answer_tokens=8), PLAIN) for p in PROMPTS]
+    together = engine.generate(reqs)
+    alone = [engine.generate([r])[0] for r in reqs[:2]]
+    assert [c.token_ids for c in together[:2]] == [c.token_ids for c in alone]
+
+
+def test_progress_reports_every_finished_row(engine):
+    seen = []
+    engine.generate([Request(p, BudgetPolicy(max_thinking_tokens=8, max_answer_tokens=4)) for p in PROMPTS],
+                    on_progress=seen.append)
+    assert sum(seen) == len(PROMPTS)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(engine):
+    from s1kit import S1KitError
+
+    with pytest.raises(S1KitError, match="does not fit the model's context"):
+        engine.generate([Request("word " * 9000, BudgetPolicy(max_answer_tokens=8))])
