@@ -34,15 +34,19 @@ def fail(message: str) -> None:
 def progress_bar(total: int, label: str) -> Iterator:
     """A rich progress bar on a terminal (stderr); a no-op callback elsewhere."""
     if total <= 1 or not sys.stderr.isatty():
-        yield lambda n: None
+        yield lambda n, description=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, description: str | None = None) -> None:
+            bar.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance
 
 
 def build_format(fmt: str, think_open: str | None, stop_tokens: list[str] | None,
@@ -155,6 +159,123 @@ def _show(c) -> None:
              f" · cap {'hit' if c.hit_cap else 'not hit'} · {c.finish_reason}")
     title = c.prompt if isinstance(c.prompt, str) else c.prompt[-1]["content"]
     Console().print(Panel(body, title=title[:80], subtitle=stats))
+
+
+def parse_budgets(text: str, name: str) -> list:
+    """``"256,512,none"`` -> ``[256, 512, None]``; a clear error otherwise."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("none", "inf", "unlimited"):
+            out.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise S1KitError(f"--{name}: {part!r} is not an integer (use e.g. 256,512,1024)") from None
+        if value < 0:
+            raise S1KitError(f"--{name}: budgets must be >= 0, got {value}")
+        out.append(value)
+    return out
+
+
+@app.command("eval", epilog="Example: s1kit eval --benchmark gsm8k --limit 50 --max-thinking 64,128,256 --out runs/gsm8k")
+def eval_(
+    model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
+    benchmark: str = typer.Option("gsm8k", help="math500, math, gsm8k, champ, aime24, aime25, gpqa-diamond, "
+                                                "math500-hf, gsm8k-hf, or a .jsonl/.json/.csv/.parquet file."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N items."),
+    max_thinking: str = typer.Option("none", help="Comma-separated thinking caps; 'none' = no cap."),
+    min_thinking: str = typer.Option("0", help="Comma-separated minimum thinking budgets."),
+    waits: str = typer.Option("0", help="Comma-separated numbers of forced Waits."),
+    wait_string: Optional[List[str]] = typer.Option(None, help="Wait string (repeatable). [default: Wait]"),
+    method: Optional[List[str]] = typer.Option(None, help="budget, token-conditional, step-conditional, "
+                                                          "class-conditional, rejection (repeatable). [default: budget]"),
+    samples: int = typer.Option(1, help="Samples per item (majority vote); needs --temperature > 0."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    seed: int = typer.Option(0, help="Seed for sampling and multiple-choice shuffles."),
+    max_answer: int = typer.Option(256, help="Token budget of the answer."),
+    answer_prefix: str = typer.Option("Final Answer:", help="Forced after the answer opener at the cap."),
+    format: str = typer.Option("s1", "--format", help="Thinking format: s1 or r1."),
+    question_field: Optional[str] = typer.Option(None, help="Question field of a local file."),
+    answer_field: Optional[str] = typer.Option(None, help="Answer field of a local file."),
+    batch_size: int = typer.Option(16, help="Sequences decoded together."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumable)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+) -> None:
+    """Sweep thinking budgets over a benchmark: grade, then write summary.json, scaling.png and report.md.
+
+    Resumable: every graded sample goes to OUT/samples.jsonl at once, and a rerun computes only the rest."""
+    from .data.benchmarks import load_benchmark
+    from .engines.base import SamplingParams
+    from .evaluate.report import write_report
+    from .evaluate.sweep import SweepConfig, build_grid, open_run, run_sweep
+
+    try:
+        settings = build_grid(
+            methods=tuple(method or ["budget"]), max_thinking=parse_budgets(max_thinking, "max-thinking"),
+            min_thinking=[m or 0 for m in parse_budgets(min_thinking, "min-thinking")],
+            waits=[w or 0 for w in parse_budgets(waits, "waits")],
+            wait_strings=tuple(wait_string) if wait_string else ("Wait",), answer_prefix=answer_prefix,
+            max_answer=max_answer)
+        sampling = SamplingParams(temperature=temperature, seed=seed)
+        if samples < 1:
+            raise S1KitError(f"--samples must be >= 1, got {samples}")
+        if samples > 1 and sampling.greedy:
+            raise S1KitError("--samples > 1 needs sampling: pass --temperature > 0")
+        fmt = get_format(format)
+        bench = load_benchmark(benchmark, limit, question_field, answer_field, seed)
+        config = SweepConfig(model, benchmark, len(bench.items), fmt.name, temperature)
+        open_run(out, config, settings)
+        from .engines.hf import HFEngine
+
+        engine = HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+        total = len(settings) * len(bench.items) * samples
+        tally = {"n": 0, "ok": 0}
+        with progress_bar(total, "evaluating") as advance:
+            def on_sample(rec: dict) -> None:
+                tally["n"] += 1
+                tally["ok"] += rec["correct"]
+                advance(1, f"evaluating · acc {tally['ok'] / tally['n']:.1%}")
+
+            run_sweep(engine, bench, settings, out, fmt, samples, sampling, chunk=batch_size * 2, on_sample=on_sample)
+        summary = write_report(out, settings, {"model": model, "benchmark": bench.name, "items": len(bench.items)})
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    _print_summary(summary, out)
+
+
+@app.command(epilog="Example: s1kit report runs/gsm8k")
+def report(out: Path = typer.Argument(..., help="A directory written by s1kit eval.")) -> None:
+    """Rebuild summary.json, scaling.png and report.md from a sweep directory's samples."""
+    from .evaluate.report import write_report
+    from .evaluate.sweep import load_run
+
+    try:
+        cfg, settings = load_run(out)
+        summary = write_report(out, settings, {k: cfg[k] for k in ("model", "benchmark", "items") if k in cfg})
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("setting", "accuracy", "95% CI", "mean thinking", "control", "n",
+                  title=f"{summary.get('model')} on {summary.get('benchmark')}")
+    for r in summary["settings"]:
+        table.add_row(r["setting"], f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}",
+                      f"{r['mean_thinking_tokens']:.1f}", f"{r['control']:.0%}", str(r["n"]))
+    console = Console()
+    console.print(table)
+    for m, v in summary["methods"].items():
+        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
+        console.print(f"{m}: Control {v['control']:.0%} · Scaling {sc} /thinking token · Performance {v['performance']:.1%}")
+    for name in ("summary.json", "scaling.png", "report.md"):
+        console.print(f"wrote {out / name}")
 
 
 @app.command(epilog="Example: s1kit models")

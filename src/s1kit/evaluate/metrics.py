@@ -1,0 +1,98 @@
+"""Metrics of the s1 paper (§3.2) and the usual accuracy statistics.
+
+For runs at different compute levels, with a = mean thinking tokens of a run and f(a) its accuracy:
+Control = fraction of runs with a_min <= a <= a_max; Scaling = mean over pairs b > a of
+(f(b) - f(a)) / (b - a), in accuracy (a fraction) per thinking token; Performance = max f(a).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from typing import Sequence
+
+import numpy as np
+
+SCALING_UNIT = "accuracy (fraction correct) per thinking token"
+
+
+def bootstrap_ci(correct: Sequence[bool], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of 0/1 outcomes."""
+    x = np.asarray(correct, dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def in_bounds(a: float, lo: float, hi: float | None) -> bool:
+    """Is ``a`` within [lo, hi] (hi None: no upper bound)?"""
+    return a >= lo and (hi is None or a <= hi)
+
+
+def control(points: Sequence[tuple[float, float, float | None]]) -> float:
+    """Fraction of (a, a_min, a_max) runs whose thinking stays within its bounds."""
+    return sum(in_bounds(a, lo, hi) for a, lo, hi in points) / len(points) if points else float("nan")
+
+
+def scaling(points: Sequence[tuple[float, float]]) -> float | None:
+    """Mean slope of accuracy over thinking tokens across all pairs of runs (None with < 2 distinct a)."""
+    pts = sorted(points)
+    slopes = [(fb - fa) / (b - a) for (a, fa), (b, fb) in itertools.combinations(pts, 2) if b > a]
+    return float(np.mean(slopes)) if slopes else None
+
+
+def performance(points: Sequence[tuple[float, float]]) -> float:
+    """Best accuracy over the runs."""
+    return max(f for _, f in points) if points else float("nan")
+
+
+def majority_accuracy(records: Sequence[dict]) -> float:
+    """Accuracy of the most common prediction per item (ties: the earliest sample's)."""
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_item[r["item_id"]].append(r)
+    hits = 0
+    for recs in by_item.values():
+        recs.sort(key=lambda r: r["sample"])
+        counts = Counter(r["prediction"] for r in recs if r["prediction"])
+        if not counts:
+            continue
+        top = max(counts.values())
+        winner = next(r for r in recs if r["prediction"] and counts[r["prediction"]] == top)
+        hits += bool(winner["correct"])
+    return hits / len(by_item) if by_item else float("nan")
+
+
+def summarize(records: Sequence[dict], lo: int = 0, hi: int | None = None) -> dict:
+    """Accuracy (with bootstrap 95% CI), thinking statistics and per-sample control of one setting."""
+    correct = [bool(r["correct"]) for r in records]
+    thinking = [r["thinking_tokens"] for r in records]
+    ci_low, ci_high = bootstrap_ci(correct)
+    out = {
+        "n": len(records),
+        "accuracy": float(np.mean(correct)) if correct else float("nan"),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "mean_thinking_tokens": float(np.mean(thinking)) if thinking else float("nan"),
+        "mean_answer_tokens": float(np.mean([r["answer_tokens"] for r in records])) if records else float("nan"),
+        "control": float(np.mean([in_bounds(t, lo, hi) for t in thinking])) if thinking else float("nan"),
+        "hit_cap_rate": float(np.mean([r["hit_cap"] for r in records])) if records else float("nan"),
+        "mean_waits": float(np.mean([r["waits_used"] for r in records])) if records else float("nan"),
+    }
+    if len({r["sample"] for r in records}) > 1:
+        out["majority_accuracy"] = majority_accuracy(records)
+    return out
+
+
+def method_metrics(rows: Sequence[dict]) -> dict:
+    """Control / Scaling / Performance over the settings (summary rows) of one method."""
+    pts = [(r["mean_thinking_tokens"], r["accuracy"]) for r in rows]
+    return {
+        "control": control([(r["mean_thinking_tokens"], r["lo"], r["hi"]) for r in rows]),
+        "scaling": scaling(pts),
+        "performance": performance(pts),
+        "settings": len(rows),
+    }

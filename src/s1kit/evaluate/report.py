@@ -1,0 +1,104 @@
+"""Turn a sweep's samples into ``summary.json``, ``scaling.png`` and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from .metrics import SCALING_UNIT, method_metrics, summarize
+from .sweep import METHODS, SampleStore, Setting
+
+
+def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: dict | None = None) -> dict:
+    """Per-setting rows and per-method Control/Scaling/Performance; top level is budget forcing's."""
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_setting[r["setting"]].append(r)
+    rows = []
+    for s in settings:
+        recs = by_setting.get(s.key)
+        if not recs:
+            continue
+        rows.append({"setting": s.key, "method": s.method, "label": s.label, "lo": s.lo, "hi": s.hi,
+                     **summarize(recs, s.lo, s.hi)})
+    methods = {}
+    for m in METHODS:
+        mrows = [r for r in rows if r["method"] == m]
+        if mrows:
+            methods[m] = method_metrics(mrows)
+    head = methods.get("budget") or (next(iter(methods.values())) if methods else {})
+    return {
+        **(meta or {}),
+        "settings": rows,
+        "methods": methods,
+        "control": head.get("control"),
+        "scaling": head.get("scaling"),
+        "performance": head.get("performance"),
+        "scaling_unit": SCALING_UNIT,
+    }
+
+
+def plot_scaling(summary: dict, path: Path) -> None:
+    """Accuracy against mean thinking tokens, one line per method, 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for method in summary["methods"]:
+        rows = sorted((r for r in summary["settings"] if r["method"] == method), key=lambda r: r["mean_thinking_tokens"])
+        x = [r["mean_thinking_tokens"] for r in rows]
+        y = [100 * r["accuracy"] for r in rows]
+        err = [[100 * (r["accuracy"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["accuracy"]) for r in rows]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    ax.set_xlabel("average thinking tokens")
+    ax.set_ylabel("accuracy (%)")
+    title = " · ".join(str(summary[k]) for k in ("model", "benchmark") if summary.get(k))
+    ax.set_title(title or "test-time scaling")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(x: float | None, pct: bool = False, digits: int = 1) -> str:
+    if x is None or x != x:  # None or NaN
+        return "–"
+    return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+
+
+def render_markdown(summary: dict) -> str:
+    """``report.md``: settings table and the Control/Scaling/Performance table (s1 Tables 3/4 style)."""
+    lines = [f"# Test-time scaling: {summary.get('model', '?')} on {summary.get('benchmark', '?')}", ""]
+    if summary.get("items"):
+        lines += [f"{summary['items']} items per setting.", ""]
+    lines += ["| setting | accuracy % | 95% CI | mean thinking | control | cap hit % | waits | n |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in summary["settings"]:
+        acc = _fmt(r["accuracy"], True)
+        if "majority_accuracy" in r:
+            acc += f" (maj {_fmt(r['majority_accuracy'], True)})"
+        lines.append(f"| {r['setting']} | {acc} | {_fmt(r['ci_low'], True)}–{_fmt(r['ci_high'], True)} | "
+                     f"{_fmt(r['mean_thinking_tokens'])} | {_fmt(r['control'], True, 0)}% | "
+                     f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |")
+    lines += ["", "| method | Control % | Scaling | Performance % | settings |", "|---|---|---|---|---|"]
+    for m, v in summary["methods"].items():
+        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
+        lines.append(f"| {m} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | {v['settings']} |")
+    lines += ["", f"Scaling is the paper's raw slope, in {SCALING_UNIT}; Control counts the settings whose mean "
+              "thinking tokens stay within the bounds they asked for.", "", "![scaling](scaling.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, settings: Sequence[Setting], meta: dict | None = None) -> dict:
+    """Write ``summary.json``, ``scaling.png`` and ``report.md`` for the samples in ``out``."""
+    records = list(SampleStore(out / "samples.jsonl").records.values())
+    summary = build_summary(records, settings, meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_scaling(summary, out / "scaling.png")
+    (out / "report.md").write_text(render_markdown(summary))
+    return summary
