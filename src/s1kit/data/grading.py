@@ -13,7 +13,7 @@ import re
 import threading
 from typing import Sequence
 
-from .benchmarks import MC_LETTERS, last_boxed
+from .benchmarks import last_boxed
 
 _ANSWER_MARK = re.compile(r"(?:final\s+answer|answer)\s*(?:is)?\s*[:：]?", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -39,14 +39,13 @@ def extract_answer(text: str, numeric: bool = False) -> str:
     return found.strip().strip("$").strip().rstrip(".").strip()
 
 
-def extract_choice(text: str) -> str | None:
-    """The chosen letter of a multiple-choice answer ("B", "(B)", "B) ...", "answer is B"), if any."""
+def extract_choice(text: str, letters: str = "ABCD") -> str | None:
+    """The chosen letter among ``letters`` ("B", "(B)", "B) ...", "answer is B"), if any."""
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
     marks = list(_ANSWER_MARK.finditer(text))
     tail = text[marks[-1].end():] if marks else text
-    letters = MC_LETTERS
     for candidate in (tail, text):
         m = re.search(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", candidate.strip())
         if m:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..budget import BudgetPolicy
-from ..data.benchmarks import Benchmark, Item
+from ..data.benchmarks import MC_LETTERS, Benchmark, Item
 from ..data.grading import Grader, extract_answer, extract_choice
 from ..engines.base import Engine, Request, SamplingParams
 from ..errors import S1KitError
@@ -206,7 +206,7 @@ def load_run(out: Path) -> tuple[dict, list[Setting]]:
 
 
 def run_sweep(
-    engine: Engine,
+    engine: Engine | Callable[[], Engine],
     benchmark: Benchmark,
     settings: Sequence[Setting],
     out: Path,
@@ -218,7 +218,9 @@ def run_sweep(
     grader: Grader | None = None,
     on_sample: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Generate, grade and store every (setting, item, sample) not yet in ``out/samples.jsonl``."""
+    """Generate, grade and store every (setting, item, sample) not yet in ``out/samples.jsonl``.
+
+    ``engine`` may be a zero-argument factory: it is called only if something is left to compute."""
     sampling = sampling or SamplingParams()
     if samples > 1 and sampling.greedy:
         raise S1KitError("--samples > 1 needs sampling: pass --temperature > 0")
@@ -228,6 +230,8 @@ def run_sweep(
         for s in settings for it in benchmark.items for k in range(samples)
         if (s.key, it.id, k) not in store
     )
+    if queue and callable(engine) and not hasattr(engine, "generate"):
+        engine = engine()
     own_grader = grader is None
     grader = grader or Grader()
     try:
@@ -278,6 +282,6 @@ def _request(job: _Job, fmt: ThinkingFormat | str, sampling: SamplingParams) -> 
 
 def _prediction(answer: str, item: Item) -> str:
     if item.kind == "mc":
-        return extract_choice(answer) or ""
+        return extract_choice(answer, MC_LETTERS[: item.meta.get("options", 4)]) or ""
     numeric = bool(item.gold) and item.gold.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
     return extract_answer(answer, numeric=numeric)
