@@ -176,3 +176,12 @@ def test_policy_is_immutable_and_normalizes_wait_strings():
     assert BudgetPolicy(wait_strings="Hmm").wait_strings == ("Hmm",)
     with pytest.raises(AttributeError):
         p.num_waits = 3  # type: ignore[misc]
+
+
+def test_cancel_ends_the_sequence_and_drops_queued_forced_tokens():
+    s = BudgetState(BudgetPolicy(num_waits=1), TOKENS)
+    run(s, [1, IM_START])  # a Wait is now queued
+    s.cancel()
+    assert s.done and s.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError):
+        s.step(1)

@@ -105,3 +105,17 @@ def test_prompt_longer_than_context_is_a_clear_error(engine):
 
     with pytest.raises(S1KitError, match="does not fit the model's context"):
         engine.generate([Request("word " * 9000, BudgetPolicy(max_answer_tokens=8))])
+
+
+def test_on_emit_streams_every_token_and_can_cancel_one_sequence(engine):
+    reqs = [Request(p, BudgetPolicy(max_thinking_tokens=12, max_answer_tokens=6), PLAIN) for p in PROMPTS[:3]]
+    seen: dict[int, int] = {}
+
+    def on_emit(ri, si, state):
+        seen[ri] = len(state.token_ids)
+        return not (ri == 1 and len(state.token_ids) >= 3)  # cancel request 1 after 3 tokens
+
+    out = engine.generate(reqs, on_emit=on_emit)
+    assert out[1].finish_reason == "cancelled" and len(out[1].token_ids) == 3
+    for i in (0, 2):
+        assert seen[i] == len(out[i].token_ids) and out[i].finish_reason in ("stop", "length")

@@ -132,6 +132,11 @@ class BudgetState:
     def _cap_reached(self) -> bool:
         return self.cap is not None and len(self.thinking_ids) >= self.cap
 
+    def cancel(self) -> None:
+        """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""
+        self._forced.clear()
+        self.phase, self.finish_reason = Phase.DONE, "cancelled"
+
     def step(self, proposed: int) -> int:
         """Consume the model's proposal and return the token to emit."""
         if self.phase is Phase.DONE:

@@ -62,7 +62,7 @@ class Completion:
     answer_tokens: int
     waits_used: int
     hit_cap: bool
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     token_ids: list[int]
     prompt_tokens: int = 0
     request_index: int = 0

@@ -20,6 +20,10 @@ from ..formats import render_prompt
 from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap, make_completion
 
 
+# on_emit(request_index, sample_index, state) -> False to cancel that sequence
+OnEmit = Callable[[int, int, BudgetState], "bool | None"]
+
+
 @dataclass
 class _Row:
     request_index: int
@@ -72,9 +76,16 @@ class HFEngine:
         return ids, tokens, context_cap(request.policy, tokens, len(ids), self.max_context)
 
     def generate(
-        self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None
+        self,
+        requests: Sequence[Request],
+        on_progress: Callable[[int], None] | None = None,
+        on_emit: OnEmit | None = None,
     ) -> list[Completion]:
-        """Completions for ``requests``, ``n`` per request, in request order."""
+        """Completions for ``requests``, ``n`` per request, in request order.
+
+        ``on_emit(request_index, sample_index, state)`` runs after every emitted token (streaming); if it
+        returns ``False`` the sequence is cancelled at once (``finish_reason == "cancelled"``).
+        """
         rows: list[_Row] = []
         prompt_lens = []
         for ri, req in enumerate(requests):
@@ -89,7 +100,7 @@ class HFEngine:
         # Similar lengths together: less padding per batch.
         order = sorted(rows, key=lambda r: -len(r.prompt_ids))
         for start in range(0, len(order), self.batch_size):
-            self._decode(order[start : start + self.batch_size], on_progress)
+            self._decode(order[start : start + self.batch_size], on_progress, on_emit)
         return [
             make_completion(r.state, self.tokenizer, requests[r.request_index], prompt_lens[r.request_index],
                             r.request_index, r.sample_index)
@@ -116,7 +127,7 @@ class HFEngine:
         return greedy
 
     @torch.inference_mode()
-    def _decode(self, rows: list[_Row], on_progress: Callable[[int], None] | None) -> None:
+    def _decode(self, rows: list[_Row], on_progress: Callable[[int], None] | None, on_emit: OnEmit | None) -> None:
         dev = self.device
         width = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -134,6 +145,10 @@ class HFEngine:
         while True:
             logits = out.logits[:, -1, :].float()
             emitted = [r.state.step(p) for r, p in zip(active, self._propose(logits, active))]
+            if on_emit is not None:
+                for r in active:
+                    if on_emit(r.request_index, r.sample_index, r.state) is False and not r.state.done:
+                        r.state.cancel()
             keep = [i for i, r in enumerate(active) if not r.state.done]
             if on_progress and len(keep) < len(active):
                 on_progress(len(active) - len(keep))
