@@ -1,6 +1,6 @@
 """s1kit: test-time scaling for reasoning language models (budget forcing, after "s1: Simple test-time scaling")."""
 
-from .api import generate, get_engine
+from .api import generate, get_engine, make_engine
 from .budget import BudgetPolicy, BudgetState, ForcingTokens
 from .engines.base import Completion, Engine, Request, SamplingParams
 from .errors import S1KitError
@@ -25,6 +25,7 @@ __all__ = [
     "generate",
     "get_engine",
     "load_model",
+    "make_engine",
     "render_example",
     "render_prompt",
 ]

@@ -10,6 +10,34 @@ from .engines.base import Completion, Engine, Request, SamplingParams
 from .formats import Messages, ThinkingFormat
 
 
+def make_engine(
+    model: str = "smollm2-135m",
+    engine: str = "hf",
+    base_url: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 32,
+    **remote_options: Any,
+) -> Engine:
+    """An engine by kind: ``"hf"`` (in-process transformers) or ``"remote"`` (an OpenAI-compatible server).
+
+    ``remote_options`` (``api_key``, ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
+    """
+    if engine == "hf":
+        if base_url is not None:
+            raise ValueError("--base-url is only used with --engine remote")
+        from .engines.hf import HFEngine
+
+        return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+    if engine == "remote":
+        if not base_url:
+            raise ValueError("--engine remote needs --base-url (e.g. http://127.0.0.1:8080/v1)")
+        from .engines.remote import RemoteEngine
+
+        return RemoteEngine(base_url, model, **remote_options)
+    raise ValueError(f"unknown engine {engine!r}: use 'hf' or 'remote'")
+
+
 @lru_cache(maxsize=4)
 def get_engine(model: str = "smollm2-135m", device: str | None = None, dtype: str | None = None,
                batch_size: int = 32) -> Engine:
