@@ -64,8 +64,10 @@ def main() -> None:
     forced = [Request(p, BudgetPolicy(min_thinking_tokens=n, max_thinking_tokens=n, max_answer_tokens=1)) for p in prompts]
     unforced = [Request(p, BudgetPolicy(max_thinking_tokens=n, max_answer_tokens=1), NEVER) for p in prompts]
     eng.generate(forced[:1])  # warm-up
-    t_forced, c_forced = timed(lambda: eng.generate(forced), args.reps)
-    t_free, c_free = timed(lambda: eng.generate(unforced), args.reps)
+    # Interleaved repetitions, so that load drifting on a shared machine hits both sides alike.
+    runs = [(timed(lambda: eng.generate(forced), 1), timed(lambda: eng.generate(unforced), 1)) for _ in range(args.reps)]
+    t_forced, c_forced = statistics.median(f[0] for f, _ in runs), runs[0][0][1]
+    t_free, c_free = statistics.median(u[0] for _, u in runs), runs[0][1][1]
     tok_forced = sum(len(c.token_ids) for c in c_forced)
     tok_free = sum(len(c.token_ids) for c in c_free)
     waits = sum(c.waits_used for c in c_forced)
