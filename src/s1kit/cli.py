@@ -300,6 +300,64 @@ def models() -> None:
     Console().print(table)
 
 
+@app.command(epilog="Example: s1kit serve --model smollm2-135m --port 8000   then   curl "
+                    "http://127.0.0.1:8000/v1/chat/completions -d '{\"model\": \"smollm2-135m\", \"messages\": "
+                    "[{\"role\": \"user\", \"content\": \"What is 17*23?\"}], \"thinking_budget\": "
+                    "{\"min_tokens\": 24, \"max_tokens\": 64}}'")
+def serve(
+    model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
+    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
+    base_url: Optional[str] = typer.Option(None, help="Upstream server for --engine remote, e.g. http://127.0.0.1:8080/v1"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote. [default: --model]"),
+    upstream_api_key: Optional[str] = typer.Option(None, envvar="S1KIT_UPSTREAM_API_KEY",
+                                                   help="Bearer token of the --engine remote server."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the model."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_batch_size: int = typer.Option(16, help="Sequences decoded together; requests arriving meanwhile wait."),
+    api_key: Optional[str] = typer.Option(None, envvar="S1KIT_SERVE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model name clients send. [default: --model]"),
+    format: str = typer.Option("s1", "--format", help="Thinking format: s1 or r1."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+) -> None:
+    """Serve an OpenAI-compatible API (chat and text completions) with per-request thinking budgets."""
+    import socket
+
+    try:
+        if not 1 <= port <= 65535:
+            raise S1KitError(f"--port must be in 1..65535, got {port}")
+        if max_batch_size < 1:
+            raise S1KitError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+        if api_key is not None and not api_key.strip():
+            raise S1KitError("--api-key must not be empty")
+        fmt = get_format(format)
+        try:  # fail now, not after loading the model
+            with socket.create_server((host, port)):
+                pass
+        except OSError as e:
+            raise S1KitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        from .api import make_engine
+
+        options = {} if engine_kind != "remote" else {"tokenizer": tokenizer, "api_key": upstream_api_key}
+        if engine_kind != "remote" and tokenizer is not None:
+            raise S1KitError("--tokenizer is only used with --engine remote")
+        engine = make_engine(model, engine_kind, base_url, device=device, dtype=dtype, batch_size=max_batch_size,
+                             **options)
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    import uvicorn
+
+    from .serve import create_app
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
+    name = served_model_name or model
+    typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
+    uvicorn.run(create_app(engine, name, api_key=api_key, max_batch_size=max_batch_size, format=fmt),
+                host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible HTTP API: chat and text completions with per-request thinking budgets.
+
+Responses carry the thinking in ``reasoning_content`` (the field vLLM and DeepSeek use), the answer in
+``content`` / ``text``, and the thinking-token count in ``usage.completion_tokens_details.reasoning_tokens``.
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Union
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engines.base import Completion, Engine, Request
+from ..formats import ThinkingFormat, get_format
+from .batcher import Batcher, Delta, Job, JobError
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+GenerationRequest = Union[ChatCompletionRequest, CompletionRequest]
+_DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+                code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(message, kind, param, code), status_code=status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error(400, "the request body is not valid JSON", code="invalid_json")
+    first = errors[0]
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None  # drop the leading "body"
+    msgs = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ())[1:])
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        msgs.append(f"{where}: {msg}" if where else msg)
+    return _error(422, "; ".join(msgs), param=param)
+
+
+def _usage(completions: list[Completion]) -> dict:
+    prompt = sum(c.prompt_tokens for c in completions if c.sample_index == 0)  # a prompt counts once, not per n
+    generated = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "completion_tokens_details": {"reasoning_tokens": sum(c.thinking_tokens for c in completions)}}
+
+
+def _finish(c: Completion) -> str:
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def _thinking_stats(c: Completion) -> dict:
+    return {"tokens": c.thinking_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap}
+
+
+class _Api:
+    """Request handling shared by the routes: budgets in, batcher, OpenAI-shaped responses out."""
+
+    def __init__(self, engine: Engine, model_name: str, fmt: ThinkingFormat, max_batch_size: int) -> None:
+        self.engine, self.model_name, self.fmt = engine, model_name, fmt
+        self.max_batch_size = max_batch_size
+        self.batcher: Batcher | None = None
+        self.created = int(time.time())
+
+    async def serve(self, body: GenerationRequest, http: HTTPRequest) -> Any:
+        if body.model != self.model_name:
+            return _error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                          param="model", code="model_not_found")
+        if self.batcher is None:
+            return _error(503, "the server is not ready", "server_error")
+        chat = isinstance(body, ChatCompletionRequest)
+        policy, sampling = body.policy(), body.sampling()
+        job = Job([Request(p, policy, self.fmt, sampling) for p in body.prompts()], stream=body.stream)
+        try:
+            self.batcher.submit(job)
+            # Wait for the first event even when streaming, so that a bad request (e.g. a prompt too long
+            # for the context) is answered with its HTTP status instead of an error inside a 200 stream.
+            event = await self._next(job, http)
+            if isinstance(event, JobError):
+                raise event
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            if body.stream:
+                return StreamingResponse(self._sse(job, event, body, rid, chat), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            while not isinstance(event, list):
+                event = await self._next(job, http)
+                if isinstance(event, JobError):
+                    raise event
+            return JSONResponse(self._response(event, rid, chat))
+        except JobError as e:
+            return _error(e.status, e.message, e.kind)
+        except _ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        finally:
+            if not job.finished and not body.stream:
+                job.cancel()
+
+    async def _next(self, job: Job, http: HTTPRequest) -> Any:
+        """The job's next event; cancels the job and raises ``_ClientGone`` if the client disconnects."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.next_event(), _DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    job.cancel()
+                    raise _ClientGone from None
+
+    def _response(self, completions: list[Completion], rid: str, chat: bool) -> dict:
+        choices = []
+        for i, c in enumerate(completions):
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": c.answer,
+                                                  "reasoning_content": c.thinking}}
+            else:
+                choice = {"index": i, "text": c.answer, "reasoning_content": c.thinking}
+            choices.append({**choice, "logprobs": None, "finish_reason": _finish(c), "thinking": _thinking_stats(c)})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": _usage(completions)}
+
+    async def _sse(self, job: Job, first: Any, body: GenerationRequest, rid: str, chat: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": self.model_name}
+
+        def chunk(choices: list[dict], **extra: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+        def delta_choice(d: Delta) -> dict:
+            if chat:
+                delta: dict[str, str] = {}
+                if d.reasoning:
+                    delta["reasoning_content"] = d.reasoning
+                if d.content:
+                    delta["content"] = d.content
+                return {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            return {"index": d.index, "text": d.content, "reasoning_content": d.reasoning, "logprobs": None,
+                    "finish_reason": None}
+
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(job.size)])
+            event = first
+            while True:
+                if isinstance(event, Delta):
+                    yield chunk([delta_choice(event)])
+                elif isinstance(event, JobError):  # after the stream began: report it in the stream
+                    yield f"data: {json.dumps(_error_body(event.message, event.kind))}\n\n"
+                    break
+                else:
+                    for i, c in enumerate(event):
+                        end = {"delta": {}} if chat else {"text": "", "reasoning_content": ""}
+                        yield chunk([{"index": i, **end, "logprobs": None, "finish_reason": _finish(c),
+                                      "thinking": _thinking_stats(c)}])
+                    if body.include_usage:
+                        yield chunk([], usage=_usage(event))
+                    break
+                event = await job.next_event()
+            yield "data: [DONE]\n\n"
+        finally:
+            if not job.finished:  # the client went away mid-stream: stop spending work on it
+                job.cancel()
+
+
+class _BearerAuth:
+    """ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY``, checked before routing and parsing."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = _error(401, "invalid or missing API key (send the header 'Authorization: Bearer KEY')",
+                                  code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | None = None,
+               max_batch_size: int = 16, format: str | ThinkingFormat = "s1") -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token."""
+    api = _Api(engine, model_name, get_format(format), max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        api.batcher = Batcher(engine, max_batch_size=max_batch_size)
+        app.state.batcher = api.batcher
+        try:
+            yield
+        finally:
+            batcher, api.batcher = api.batcher, None
+            await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(title="s1kit", description="OpenAI-compatible API with per-request thinking budgets",
+                  lifespan=lifespan)
+
+    if api_key is not None:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_: HTTPRequest, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness and batching counters."""
+        b = api.batcher
+        stats = dict(b.stats, queued=b.queued) if b else {}
+        return {"status": "ok" if b else "starting", "model": model_name, "max_batch_size": max_batch_size, **stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """The one model this server serves."""
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": api.created,
+                                            "owned_by": "s1kit"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Any:
+        """Chat completion; ``message.reasoning_content`` holds the thinking."""
+        return await api.serve(body, http)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
+        """Text completion of a prompt sent as a user message; ``reasoning_content`` holds the thinking."""
+        return await api.serve(body, http)
+
+    return app
