@@ -358,6 +358,80 @@ def serve(
                 host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
+@app.command(epilog="Example: s1kit curate --pool math-train --size 100 --seed 0 --out runs/s1k/s1k.jsonl "
+                    "--domain-classifier field:type")
+def curate(
+    pool: List[str] = typer.Option(..., help="Pool: .jsonl/.json/.csv/.parquet file, HF id (org/name[:split]), "
+                                             "or offline math-train / gsm8k-train (repeatable)."),
+    out: Path = typer.Option(..., help="Output JSONL in the s1K schema; the report goes beside it."),
+    size: int = typer.Option(1000, help="Rows to select."),
+    seed: int = typer.Option(0, help="Seed of the diversity sampling."),
+    decontaminate: str = typer.Option("math500,gsm8k", help="Evaluation sets to decontaminate against "
+                                                             "(benchmark names or files, comma-separated; 'none')."),
+    min_overlap: float = typer.Option(0.5, help="Share of an evaluation question's 8-grams a pool question must "
+                                                "repeat to count; 0 = s1's any-overlap rule."),
+    reference_model: Optional[List[str]] = typer.Option(None, help="Drop questions this model solves (repeatable)."),
+    reference_max_thinking: int = typer.Option(1024, help="Thinking cap of the reference models."),
+    teacher: Optional[str] = typer.Option(None, help="Model that writes traces for rows without one."),
+    teacher_max_thinking: int = typer.Option(4096, help="Thinking cap of the teacher."),
+    domain_classifier: str = typer.Option("auto", help="auto (subject/type field, else keywords), keyword, "
+                                                       "field:NAME or llm:MODEL."),
+    trace_tokenizer: str = typer.Option("smollm2-135m", help="Tokenizer that measures trace lengths."),
+    solution_traces: bool = typer.Option(True, help="Use a row's solution as its trace when it has none "
+                                                    "(and no teacher gave one)."),
+    workdir: Optional[Path] = typer.Option(None, help="Cache of model results (resumable). [default: OUT.work]"),
+    format: str = typer.Option("s1", "--format", help="Thinking format of the model stages: s1 or r1."),
+    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
+    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
+    batch_size: int = typer.Option(16, help="Sequences decoded together (hf engine)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+) -> None:
+    """Curate an s1K-style training set: quality, decontamination, difficulty, domains, diversity sampling.
+
+    Writes OUT (s1K schema), curation_report.md/.json, domains.png and trace_lengths.png. Model stages
+    cache every result in the work directory, so a killed run resumes and a rerun loads no model."""
+    from .api import make_engine
+    from .curate import NamedEngine
+    from .curate import curate as run_curation
+
+    try:
+        if engine_kind not in ("hf", "remote"):
+            raise S1KitError(f"--engine must be hf or remote, got {engine_kind!r}")
+        if (engine_kind == "remote") != bool(base_url):
+            raise S1KitError("--engine remote needs --base-url, and --base-url needs --engine remote")
+        eval_sets = [] if decontaminate.strip().lower() == "none" else [
+            s.strip() for s in decontaminate.split(",") if s.strip()]
+        fmt = get_format(format)
+        ref_policy = BudgetPolicy(max_thinking_tokens=reference_max_thinking, max_answer_tokens=256)
+        teacher_policy = BudgetPolicy(max_thinking_tokens=teacher_max_thinking, max_answer_tokens=1024)
+
+        def engine(name: str):  # loaded on first use: a fully cached run loads no model
+            return lambda: make_engine(name, engine_kind, base_url, device=device, dtype=dtype, batch_size=batch_size)
+
+        result = run_curation(
+            pool, out, size=size, seed=seed, eval_sets=eval_sets, min_overlap=min_overlap,
+            references=[NamedEngine(m, engine(m)) for m in reference_model or []],
+            teacher=NamedEngine(teacher, engine(teacher)) if teacher else None, classifier=domain_classifier,
+            tokenizer=trace_tokenizer, workdir=workdir, solution_traces=solution_traces,
+            reference_policy=ref_policy, teacher_policy=teacher_policy, fmt=fmt, make_engine=engine,
+            progress=progress_bar)
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("stage", "rows in", "rows out", "dropped (why)", title=escape(f"curation of {', '.join(pool)}"))
+    for s in result.stages:
+        why = "; ".join(f"{r}: {n}" for r, n in sorted(s.dropped.items(), key=lambda kv: -kv[1]))
+        table.add_row(s.name, f"{s.rows_in:,}", f"{s.rows_out:,}", escape(why) or "–")
+    console = Console()
+    console.print(table)
+    for name in (out.name, "curation_report.md", "curation_report.json", "domains.png", "trace_lengths.png"):
+        console.print(f"wrote {out.parent / name}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
