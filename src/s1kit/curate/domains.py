@@ -56,47 +56,58 @@ class DomainClassifier(Protocol):
         ...
 
 
-# (MSC code, keywords): the code with most keyword hits wins; ties go to the earlier rule.
-_KEYWORDS: tuple[tuple[str, str], ...] = (
-    ("60", r"probability|random(?:ly)?|expected value|dice|\bdie\b|coins?\b|flips?\b|marbles?"),
-    ("05", r"how many ways|arrangements?|arrange|permutations?|combinations?|committee|subsets?|"
-           r"choose|distinct (?:ways|orders)|pigeonhole|tiling|vertices|\bgraphs? (?:g|with)"),
-    ("11", r"primes?\b|divisors?|divisible|remainder|modulo|\bmod\b|\\pmod|gcd|lcm|greatest common|"
-           r"least common|integers?|digits?|base \d+|congruen\w*|factorial"),
-    ("51", r"triangles?|circles?|angles?|polygons?|rectangles?|perimeter|\barea\b|radius|diameter|tangent|"
-           r"hexagon|quadrilateral|perpendicular|parallel|\[asy\]|\\angle|\\triangle|coordinates?"),
-    ("12", r"polynomials?|roots?\b|quadratic|cubic|coefficients?|zeros of"),
-    ("15", r"matri(?:x|ces)|vectors?|determinant|eigen\w*|linear transformation|pmatrix"),
-    ("40", r"sequences?|series|arithmetic progression|geometric progression|sum of the first|\bterms?\b"),
-    ("26", r"derivative|integral|\\int\b|\\lim|continuous|increasing|decreasing|maximum value|minimum value|"
-           r"inequalit\w*|domain of|range of|logarithm|\\log"),
-    ("30", r"complex numbers?|imaginary|\bi\^2"),
-    ("39", r"functional equation|f\(f\(|recurrence"),
-    ("62", r"\bmean\b|median|\bmode\b|standard deviation|variance|data set"),
-    ("34", r"differential equation|dy/dx|y''"),
-    ("20", r"\bgroups?\b|subgroups?|isomorphi\w*|homomorphi\w*"),
-    ("03", r"knights?|knaves?|logic\w*|truth"),
-    ("68", r"algorithms?|program\w*|binary strings?|computer|code\b"),
-    ("70", r"velocity|acceleration|\bforce\b|momentum|friction|pendulum|kinetic|projectile"),
-    ("78", r"electric\w*|magnetic|charge|capacitor|\blens\b|wavelength|photons?|voltage|circuit"),
-    ("80", r"\bheat\b|thermal|entropy|temperature|ideal gas"),
-    ("81", r"quantum|electrons?|\bspin\b|hamiltonian|orbitals?"),
-    ("92", r"cells?\b|proteins?|\bdna\b|enzymes?|molecules?|chemical|\bacid\b"),
-    ("91", r"dollars?|\$\s?\d|price|cost|profit|earns?|salary|discount|interest|money|pays?\b|sells?\b|buys?\b"),
-    ("90", r"maximi[sz]e|minimi[sz]e|optimal|schedul\w*"),
-)
-_RULES = tuple((code, re.compile(pattern, re.IGNORECASE)) for code, pattern in _KEYWORDS)
+# The keyword rule: MSC code -> words (a plural "s" is ignored) and phrases; the code with most hits wins,
+# ties go to the earlier code here. Words are looked up in one dict, so a row costs one pass over its words.
+_KEYWORDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "60": ("probability random randomly dice die coin flip marble odds", ("expected value",)),
+    "05": ("arrange arrangement permutation combination committee subset pigeonhole tiling vertex vertices choose",
+           ("how many ways", "how many different")),
+    "11": ("prime divisor divisible remainder modulo mod pmod gcd lcm integer digit congruent congruence factorial",
+           ("greatest common", "least common")),
+    "51": ("triangle circle angle polygon rectangle perimeter area radius diameter tangent hexagon quadrilateral "
+           "perpendicular parallel asy coordinate", ()),
+    "12": ("polynomial root quadratic cubic coefficient", ("zeros of",)),
+    "15": ("matrix matrices vector determinant eigenvalue eigenvector pmatrix bmatrix", ("linear transformation",)),
+    "40": ("sequence series term progression", ("sum of the first",)),
+    "26": ("derivative integral int lim continuous increasing decreasing inequality log logarithm",
+           ("maximum value", "minimum value")),
+    "30": ("imaginary", ("complex number",)),
+    "39": ("recurrence", ("functional equation",)),
+    "62": ("mean median mode deviation variance", ("data set",)),
+    "34": ("", ("differential equation",)),
+    "20": ("group subgroup isomorphism isomorphic homomorphism", ()),
+    "03": ("knight knave logic truth", ()),
+    "68": ("algorithm program programming computer binary", ()),
+    "70": ("velocity acceleration force momentum friction pendulum kinetic projectile", ()),
+    "78": ("electric magnetic charge capacitor lens wavelength photon voltage circuit", ()),
+    "80": ("heat thermal entropy temperature", ("ideal gas",)),
+    "81": ("quantum electron spin hamiltonian orbital", ()),
+    "92": ("cell protein dna enzyme molecule chemical acid", ()),
+    "91": ("dollar price cost profit earn salary discount interest money pay sell buy spend", ()),
+    "90": ("maximize minimize maximise minimise optimal schedule", ()),
+}
+_WORD_CODE = {w: code for code, (ws, _) in reversed(_KEYWORDS.items()) for w in ws.split()}
+_PHRASES = tuple((p, code) for code, (_, ps) in _KEYWORDS.items() for p in ps)
+_ORDER = {code: i for i, code in enumerate(_KEYWORDS)}
+_LETTERS = re.compile(r"[a-z]+")
 DEFAULT_CODE = "97"  # nothing recognised: elementary problems, most often school word problems
 
 
 def keyword_domain(question: str) -> str:
     """The MSC label whose keywords occur most often in ``question``."""
-    best, best_hits = DEFAULT_CODE, 0
-    for code, rule in _RULES:
-        hits = len(rule.findall(question))
-        if hits > best_hits:
-            best, best_hits = code, hits
-    return msc_label(best)
+    text = question.lower()
+    hits: Counter = Counter()
+    for w in _LETTERS.findall(text):
+        code = _WORD_CODE.get(w) or (_WORD_CODE.get(w[:-1]) if w.endswith("s") else None)
+        if code:
+            hits[code] += 1
+    for phrase, code in _PHRASES:
+        if phrase in text:
+            hits[code] += 1
+    hits = +hits  # drop zero counts
+    if not hits:
+        return msc_label(DEFAULT_CODE)
+    return msc_label(max(hits, key=lambda code: (hits[code], -_ORDER[code])))
 
 
 class KeywordClassifier:
