@@ -1,7 +1,7 @@
 """Decontamination: drop pool questions that repeat another pool question or overlap an evaluation set.
 
 As in s1, candidates are pool questions that share a lower-cased word 8-gram with an evaluation question.
-s1 dropped every candidate; on MATH that also drops ~9% of the train split for stock phrases such as
+s1 dropped every candidate; on MATH that also drops 12% of the train split for stock phrases such as
 "where m and n are relatively prime positive integers" against MATH-500. So by default a candidate counts
 only when the shared 8-grams cover half of the evaluation question's 8-grams (the confirm-after-n-gram
 step of Phi-1 style decontamination); ``min_overlap=0`` restores s1's rule. Words are runs of letters and
