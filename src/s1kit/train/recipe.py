@@ -1,0 +1,223 @@
+"""The s1 SFT recipe over TRL's ``SFTTrainer``: paper defaults, loss on the assistant turn only, one
+process or many (``accelerate launch`` with the shipped FSDP config).
+
+s1 (Muennighoff et al., 2025, §4 and its training script): lr 1e-5, 5% linear warmup then cosine to 0,
+5 epochs, global batch 16, AdamW (0.9, 0.95), weight decay 1e-4, bf16, block size 32,768, FSDP full
+shard, gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import S1KitError
+from .data import build_training_set, load_examples
+
+SUMMARY_FILE = "s1kit-train.json"
+FSDP_CONFIG = Path(__file__).with_name("fsdp.yaml")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyperparameters of an SFT run; the defaults are s1's."""
+
+    epochs: float = 5.0
+    learning_rate: float | None = None  # None: 1e-5 (s1), or 1e-4 with LoRA (adapters need a larger step)
+    batch_size: int = 16  # global: micro batch x gradient accumulation x processes
+    micro_batch_size: int = 1
+    block_size: int = 32768
+    warmup_ratio: float = 0.05
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_steps: int | None = None  # stop early (optimizer steps); the schedule spans these steps
+    gradient_checkpointing: bool = True
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    truncate: bool = False
+    format: str = "s1"
+    system: str | None = None
+    seed: int = 42
+    logging_steps: int = 1
+    torch_compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "micro_batch_size", "block_size", "lora_rank", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch-size {self.batch_size} must be a multiple of micro-batch-size {self.micro_batch_size}")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in use."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.lora else 1e-5
+
+
+def world_size() -> int:
+    """Processes in this run (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fsdp_active() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def sft_config(recipe: Recipe, out: str | Path, processes: int | None = None) -> Any:
+    """TRL's ``SFTConfig`` for ``recipe``: bf16 autocast over float32 weights on GPU, float32 on CPU."""
+    import torch
+    from trl import SFTConfig
+
+    processes = processes or world_size()
+    per_step = recipe.micro_batch_size * processes
+    if recipe.batch_size % per_step:
+        raise ValueError(f"batch-size {recipe.batch_size} must be a multiple of micro-batch-size x processes "
+                         f"({recipe.micro_batch_size} x {processes})")
+    # Under FSDP, checkpoint through FSDP itself when its config asks for it (the Trainer's own would
+    # add an all-gather in backward; transformers refuses both at once).
+    fsdp_ckpt = fsdp_active() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    checkpointing = recipe.gradient_checkpointing and not fsdp_ckpt
+    # transformers >= 5.18 renamed gradient_checkpointing; use the name this version has (no deprecation noise)
+    renamed = "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    return SFTConfig(
+        **({"activation_checkpointing": checkpointing} if renamed else {"gradient_checkpointing": checkpointing}),
+        output_dir=str(out),
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps or -1,
+        per_device_train_batch_size=recipe.micro_batch_size,
+        gradient_accumulation_steps=recipe.batch_size // per_step,
+        learning_rate=recipe.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=recipe.warmup_ratio,  # a float < 1 is a fraction of all steps
+        weight_decay=recipe.weight_decay,
+        adam_beta1=recipe.adam_beta1,
+        adam_beta2=recipe.adam_beta2,
+        optim="adamw_torch",
+        bf16=torch.cuda.is_available(),
+        max_length=None,  # lengths are checked (and cut only when asked) in build_training_set
+        packing=False,
+        logging_steps=recipe.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=recipe.seed,
+        torch_compile=recipe.torch_compile,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def lora_config(recipe: Recipe) -> Any:
+    """peft's ``LoraConfig`` on every linear layer but the LM head."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _progress_callback(report: Callable[[dict], None]) -> Any:
+    from transformers import TrainerCallback
+
+    class LossReporter(TrainerCallback):
+        """Hands each logged training loss to ``report`` (main process only)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                report({"step": state.global_step, "max_steps": state.max_steps, "loss": float(logs["loss"]),
+                        "lr": logs.get("learning_rate"), "epoch": state.epoch})
+
+    return LossReporter()
+
+
+def build_trainer(model: Any, tokenizer: Any, dataset: Any, recipe: Recipe, out: str | Path,
+                  on_log: Callable[[dict], None] | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """An ``SFTTrainer`` on a tokenized dataset (``input_ids`` + ``labels``, used as given)."""
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    if recipe.lora and fsdp_active():
+        raise ValueError("--lora is for a single GPU; multi-GPU FSDP runs train all weights")
+    cbs = list(callbacks) + ([_progress_callback(on_log)] if on_log else [])
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, out), train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=lora_config(recipe) if recipe.lora else None,
+                         callbacks=cbs)
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; on_log reports progress instead
+    return trainer
+
+
+def save(trainer: Any, tokenizer: Any, out: str | Path) -> None:
+    """Write a plain transformers checkpoint (LoRA merged into the weights) with its tokenizer."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # a peft model: bake the adapters in, so DIR loads anywhere
+        model = model.merge_and_unload()
+        model.config.use_cache = True
+        if trainer.args.should_save:
+            model.save_pretrained(out)
+    else:
+        model.config.use_cache = True  # gradient checkpointing turned it off for training
+        trainer.save_model(str(out))  # gathers FSDP shards
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(out)
+
+
+def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(), split: str = "train",
+          question_field: str | None = None, thinking_field: str | None = None, attempt_field: str | None = None,
+          on_log: Callable[[dict], None] | None = None, on_data: Callable[[dict], None] | None = None,
+          overwrite: bool = False) -> dict:
+    """Fine-tune ``model_ref`` on an s1K-schema file or dataset id and save to ``out``; returns a summary."""
+    from ..formats import format_tokens, get_format
+
+    start = time.time()
+    out = Path(out)
+    if out.is_file() or (not overwrite and out.is_dir() and any(out.iterdir())):
+        raise S1KitError(f"{out} exists and is not an empty directory; pick another --out or pass --overwrite")
+    examples = load_examples(data, split, question_field, thinking_field, attempt_field)  # bad rows fail first
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..models import load_model, resolve
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model_ref))
+    except OSError as e:
+        raise S1KitError(f"could not load the tokenizer of {model_ref!r}: {str(e).splitlines()[0]}") from None
+    fmt = get_format(recipe.format)
+    format_tokens(tokenizer, fmt)  # the delimiters generate needs must be single tokens of this vocabulary
+    ts = build_training_set(tokenizer, examples, recipe.block_size, fmt, recipe.system, recipe.truncate)
+    if on_data:
+        on_data(ts.summary())
+    gpu = torch.cuda.is_available()
+    # float32 master weights: at lr 1e-5 most bf16 updates would round away. LoRA keeps a bf16 base on GPU.
+    dtype = torch.bfloat16 if gpu and recipe.lora else torch.float32
+    model, _ = load_model(model_ref, device="cpu", dtype=dtype)
+    trainer = build_trainer(model, tokenizer, ts.to_dataset(), recipe, out, on_log)
+    result = trainer.train()
+    save(trainer, tokenizer, out)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "model": model_ref, "data": data, "out": str(out), "recipe": asdict(recipe), "learning_rate": recipe.lr,
+        "processes": world_size(), "fsdp": fsdp_active(), "device": "cuda" if gpu else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "bf16_autocast": gpu, "data_summary": ts.summary(),
+        "steps": trainer.state.global_step, "losses": losses, "train_loss": result.training_loss,
+        "seconds": round(time.time() - start, 1),
+    }
+    if trainer.args.should_save:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
