@@ -432,6 +432,123 @@ def curate(
         console.print(f"wrote {out.parent / name}")
 
 
+@app.command(epilog="Example: s1kit train --model smollm2-135m --data s1k.jsonl --max-steps 2 --out runs/sft   "
+                    "then   s1kit generate --model runs/sft --max-thinking 64 \"1+1?\"")
+def train(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Bundled name, .gguf file, model dir or HF id."),
+    data: str = typer.Option(..., help="s1K-schema data: a .jsonl/.json/.csv/.parquet file or a HF dataset id."),
+    out: Path = typer.Option(..., help="Output directory (a plain transformers checkpoint)."),
+    epochs: float = typer.Option(5.0, help="Epochs over the data (s1: 5)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 1e-5; 1e-4 with --lora]"),
+    batch_size: int = typer.Option(16, help="Global batch (s1: 16)."),
+    micro_batch_size: int = typer.Option(1, help="Sequences per device per forward."),
+    block_size: int = typer.Option(32768, help="Longest sequence in tokens (s1: 32,768)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut examples longer than --block-size instead of failing."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved weights)."),
+    lora_rank: int = typer.Option(16, help="LoRA rank."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
+    format: str = typer.Option("s1", "--format", help="Thinking format: s1 or r1 (as in generate)."),
+    system: Optional[str] = typer.Option(None, help="System prompt (use the same one in generate)."),
+    split: str = typer.Option("train", help="Split of a HF dataset."),
+    question_field: Optional[str] = typer.Option(None, help="Question field. [default: question|problem]"),
+    thinking_field: Optional[str] = typer.Option(
+        None, help="Thinking field. [default: thinking_trajectories|deepseek_thinking_trajectory|thinking]"),
+    attempt_field: Optional[str] = typer.Option(None, help="Answer field. [default: attempt|deepseek_attempt|answer]"),
+    gradient_checkpointing: bool = typer.Option(True, help="Recompute activations in backward (less memory)."),
+    seed: int = typer.Option(42, help="Seed of data order and initialisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in a non-empty --out."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Run on all GPUs with FSDP through accelerate launch."),
+    num_gpus: Optional[int] = typer.Option(None, help="GPUs for --fsdp / --print-launch. [default: all]"),
+    print_launch: bool = typer.Option(False, "--print-launch", help="Print the accelerate launch line and exit."),
+) -> None:
+    """Fine-tune with the s1 SFT recipe: loss on thinking + answer only, the format generate uses."""
+    import shlex
+
+    from .train import launch
+    from .train.recipe import Recipe, train as run_training
+
+    try:
+        recipe = Recipe(epochs=epochs, learning_rate=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                        block_size=block_size, max_steps=max_steps, gradient_checkpointing=gradient_checkpointing,
+                        lora=lora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, truncate=truncate,
+                        format=get_format(format).name, system=system, seed=seed)
+        if print_launch or fsdp:
+            n = (num_gpus or max(launch.gpu_count(), 1)) if print_launch else launch.check_gpus(num_gpus)
+            command = launch.launch_command(launch.rerun_args(ctx), n, python=not print_launch)
+            if print_launch:
+                typer.echo(shlex.join(command))
+            else:
+                launch.run_launch(command)
+            return
+
+        def on_data(s: dict) -> None:
+            typer.echo(f"data: {s['rows']} rows, {s['tokens']:,} tokens (longest {s['max_length']:,}); "
+                       f"{s['over_block']} over the block size {s['block_size']:,}"
+                       + (f", {s['truncated']} truncated, {s['dropped']} dropped" if s["truncated"] else ""), err=True)
+
+        def on_log(d: dict) -> None:
+            typer.echo(f"step {d['step']}/{d['max_steps']} · loss {d['loss']:.4f} · lr {d['lr'] or 0:.2e}", err=True)
+
+        summary = run_training(model, data, out, recipe, split, question_field, thinking_field, attempt_field,
+                               on_log=on_log, on_data=on_data if launch.is_main_process() else None,
+                               overwrite=overwrite)
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    if launch.is_main_process():
+        typer.echo(f"saved {out} ({summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
+                   f"{summary['seconds']:.0f} s); try: s1kit generate --model {out} --max-thinking 64 \"1+1?\"")
+
+
+@app.command(epilog="Example: s1kit bench --arch qwen2.5-1.5b --batch 1,32,128 --new-tokens 512 --compare-hf-generate "
+                    "--json benchmarks/results/h100.json")
+def bench(
+    arch: Optional[str] = typer.Option(None, help="Random-weight architecture: smollm2-135m, qwen2.5-0.5b, "
+                                                 "qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b. [default: qwen2.5-1.5b]"),
+    model: Optional[str] = typer.Option(None, help="A real model instead (bundled name, dir, HF id)."),
+    batch: str = typer.Option("1,32,128", help="Comma-separated batch sizes."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens per row."),
+    new_tokens: int = typer.Option(512, help="Thinking tokens decoded per row."),
+    forcing: str = typer.Option("on,off", help="Budget forcing: on, off, or on,off."),
+    compare_hf_generate: bool = typer.Option(False, help="Also time model.generate (dynamic and static cache)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16, float32 ... [default: bf16 on GPU, fp32 on CPU]"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Decode speed of the fast path: ms/step and tokens/s against the memory-bandwidth floor."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import run_bench, write_json
+
+    try:
+        if arch and model:
+            raise S1KitError("give --arch or --model, not both")
+        batches = [b for b in parse_budgets(batch, "batch") if b]
+        if not batches:
+            raise S1KitError("--batch needs at least one size >= 1")
+        modes = {"on": [True], "off": [False], "on,off": [True, False], "off,on": [False, True]}.get(forcing)
+        if modes is None:
+            raise S1KitError(f"--forcing: expected on, off or on,off, got {forcing!r}")
+        if prompt_len < 1 or new_tokens < 1:
+            raise S1KitError("--prompt-len and --new-tokens must be >= 1")
+        results = run_bench(arch, model, batches, prompt_len, new_tokens, modes, compare_hf_generate, device, dtype,
+                            log=lambda r: typer.echo(f"batch {r.batch} forcing {'on' if r.forcing else 'off'}: "
+                                                     f"{r.ms_per_step:.2f} ms/step", err=True))
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    table = Table("arch", "batch", "forcing", "ms/step", "tok/s", "floor ms", "× floor", "generate dyn", "generate static",
+                  title=f"decode on {results[0].device} ({results[0].dtype}), prompt {prompt_len}, {new_tokens} new")
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in results:
+        table.add_row(r.arch, str(r.batch), "on" if r.forcing else "off", f"{r.ms_per_step:.2f}", f"{r.tokens_per_s:.0f}",
+                      f"{r.floor_ms:.2f}", f"{r.ratio_to_floor:.2f}", fmt(r.hf_generate_dynamic_ms),
+                      fmt(r.hf_generate_static_ms))
+    Console().print(table)
+    if json_path:
+        write_json(results, str(json_path))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
