@@ -302,3 +302,55 @@ def test_s1kit_serve_end_to_end(engine):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"serving 'smollm2-135m' at http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+
+
+class _FailsOnBoom:
+    """The real engine, made to fail on prompts containing "boom": an engine failure cannot be provoked
+    naturally, and the batcher must keep such a failure to the one request that caused it."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer, self.prepare = engine, engine.tokenizer, engine.prepare
+
+    def generate(self, requests, on_progress=None, on_emit=None):
+        if any("boom" in r.prompt for r in requests):
+            raise RuntimeError("boom")
+        return self.engine.generate(requests, on_progress=on_progress, on_emit=on_emit)
+
+
+def test_batcher_answers_each_job_when_its_own_sequences_end_and_isolates_failures(engine):
+    from s1kit import Request
+    from s1kit.serve.batcher import Batcher, Job, JobError
+
+    def job(prompt, n):
+        return Job([Request(prompt, BudgetPolicy(min_thinking_tokens=n, max_thinking_tokens=n, max_answer_tokens=3))])
+
+    async def finals(batcher, named):
+        order = []
+
+        async def final(name, j):
+            while not isinstance(event := await j.next_event(), (list, JobError)):
+                pass
+            order.append(name)
+            return event
+
+        for j in named.values():
+            batcher.submit(j)
+        results = await asyncio.gather(*(final(name, j) for name, j in named.items()))
+        return dict(zip(named, results)), order
+
+    async def main():
+        batcher = Batcher(_FailsOnBoom(engine), max_batch_size=8, window_s=0.5)  # both jobs in one batch
+        try:
+            mixed = await finals(batcher, {"long": job("What is 2+2?", 40), "short": job("Name a colour.", 2)})
+            batches = batcher.stats["batches"]
+            failing = await finals(batcher, {"good": job("Name a fruit.", 2), "bad": job("boom", 2)})
+            return mixed, batches, failing, dict(batcher.stats)
+        finally:
+            batcher.close()
+
+    (mixed, order), batches, (failing, _), stats = asyncio.run(main())
+    assert batches == 1 and mixed["long"][0].thinking_tokens == 40 and mixed["short"][0].thinking_tokens == 2
+    assert order == ["short", "long"]  # answered when its own sequence ended, not with the batch
+    assert isinstance(failing["bad"], JobError) and failing["bad"].status == 500 and "boom" in failing["bad"].message
+    assert failing["good"][0].thinking_tokens == 2  # retried alone after the mixed batch failed
+    assert stats["completed"] == 3 and stats["failed"] == 1

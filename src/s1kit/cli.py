@@ -301,7 +301,8 @@ def models() -> None:
 
 
 @app.command(epilog="Example: s1kit serve --model smollm2-135m --port 8000   then   curl "
-                    "http://127.0.0.1:8000/v1/chat/completions -d '{\"model\": \"smollm2-135m\", \"messages\": "
+                    "http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                    "-d '{\"model\": \"smollm2-135m\", \"messages\": "
                     "[{\"role\": \"user\", \"content\": \"What is 17*23?\"}], \"thinking_budget\": "
                     "{\"min_tokens\": 24, \"max_tokens\": 64}}'")
 def serve(

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
-from ..engines.base import Completion, Engine, Request
+from ..engines.base import Completion, Engine, Request, make_completion
 from ..errors import S1KitError
 
 log = logging.getLogger("s1kit.serve")
@@ -52,7 +52,9 @@ class Job:
         self.requests = list(requests)
         self.stream = stream
         self.cancelled = False
-        self.finished = False
+        self.finished = False  # the handler has the final event
+        self.answered = False  # the worker has queued the final event
+        self.prompt_tokens: list[int] | None = None  # per request, when the engine can count them up front
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -73,6 +75,7 @@ class Job:
         return event
 
     def _put(self, event: Event) -> None:  # called from the worker thread
+        self.answered = self.answered or not isinstance(event, Delta)
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server stopped): nobody is waiting
@@ -149,7 +152,7 @@ class Batcher:
         return job
 
     def close(self, timeout: float | None = 30) -> None:
-        """Finish the running batch, fail queued jobs, stop the worker."""
+        """Stop the running batch at its next token, fail queued jobs, stop the worker."""
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
@@ -212,7 +215,7 @@ class Batcher:
             if len(jobs) == 1:
                 self._fail(jobs[0], self._error(e))
                 return
-            for job in jobs:  # one bad request must not fail the others: run each alone
+            for job in (j for j in jobs if not j.answered):  # one bad request must not fail the others
                 try:
                     self._generate([job])
                 except Exception as err:
@@ -221,9 +224,7 @@ class Batcher:
     def _check(self, job: Job) -> None:
         """Per-request checks the engine can make before decoding (prompt length against the context)."""
         prepare = getattr(self.engine, "prepare", None)
-        if prepare is not None:
-            for r in job.requests:
-                prepare(r)
+        job.prompt_tokens = [len(prepare(r)[0]) for r in job.requests] if prepare is not None else None
 
     @staticmethod
     def _error(e: Exception) -> JobError:
@@ -240,17 +241,20 @@ class Batcher:
     def _generate(self, jobs: list[Job]) -> None:
         requests: list[Request] = []
         owners: list[tuple[Job, int]] = []  # engine request index -> (job, index of its first choice)
+        prompt_tokens: list[int | None] = []
         for job in jobs:
             first = 0
-            for r in job.requests:
+            for k, r in enumerate(job.requests):
                 requests.append(r)
                 owners.append((job, first))
+                prompt_tokens.append(job.prompt_tokens[k] if job.prompt_tokens else None)
                 first += r.sampling.n
-        size = sum(j.size for j in jobs)
         self.stats["batches"] += 1
-        self.stats["max_batch"] = max(self.stats["max_batch"], size)
-        deltas: dict[tuple[int, int], tuple[_TextDeltas, _TextDeltas]] = {}
+        self.stats["max_batch"] = max(self.stats["max_batch"], sum(j.size for j in jobs))
         tokenizer = self.engine.tokenizer
+        deltas: dict[tuple[int, int], tuple[_TextDeltas, _TextDeltas]] = {}
+        done: dict[tuple[int, int], Completion] = {}
+        left = {id(j): j.size for j in jobs}  # sequences of each job still running
 
         def streams(ri: int, si: int) -> tuple[_TextDeltas, _TextDeltas]:
             pair = deltas.get((ri, si))
@@ -258,25 +262,9 @@ class Batcher:
                 pair = deltas[ri, si] = (_TextDeltas(tokenizer, False), _TextDeltas(tokenizer, True))
             return pair
 
-        def on_emit(ri: int, si: int, state: Any) -> bool:
-            job, first = owners[ri]
-            if job.cancelled:
-                return False
-            if job.stream:
-                thinking, answer = streams(ri, si)
-                delta = Delta(first + si, thinking.update(state.thinking_ids), answer.update(state.answer_ids))
-                if delta.reasoning or delta.content:
-                    job._put(delta)
-            return True
-
-        if self.streams_tokens:
-            completions = self.engine.generate(requests, on_emit=on_emit)
-        else:  # e.g. the remote engine: the stream gets the finished texts at the end
-            completions = self.engine.generate(requests)
-        by_job: dict[int, list[Completion]] = {id(j): [] for j in jobs}
-        for c in completions:
+        def finished(c: Completion) -> None:
+            done[c.request_index, c.sample_index] = c
             job, first = owners[c.request_index]
-            by_job[id(job)].append(c)
             if job.stream:
                 thinking, answer = streams(c.request_index, c.sample_index)
                 delta = Delta(first + c.sample_index, thinking.finish(c.thinking), answer.finish(c.answer))
@@ -284,6 +272,29 @@ class Batcher:
                     job._put(delta)
             self.stats["thinking_tokens"] += c.thinking_tokens
             self.stats["answer_tokens"] += c.answer_tokens
-        for job in jobs:
-            self.stats["cancelled" if job.cancelled else "completed"] += 1
-            job._put(by_job[id(job)])
+            left[id(job)] -= 1
+            if left[id(job)] == 0:  # answer the job now, not when the longest sequence of the batch ends
+                self.stats["cancelled" if job.cancelled else "completed"] += 1
+                job._put([done[ri, si] for ri, (owner, _) in enumerate(owners) if owner is job
+                          for si in range(requests[ri].sampling.n)])
+
+        def on_emit(ri: int, si: int, state: Any) -> bool:
+            job, first = owners[ri]
+            if job.cancelled or self._closed:  # the client left, or the server is stopping
+                return False
+            if job.stream:
+                thinking, answer = streams(ri, si)
+                delta = Delta(first + si, thinking.update(state.thinking_ids), answer.update(state.answer_ids))
+                if delta.reasoning or delta.content:
+                    job._put(delta)
+            if state.done and prompt_tokens[ri] is not None:
+                finished(make_completion(state, tokenizer, requests[ri], prompt_tokens[ri], ri, si))
+            return True
+
+        if self.streams_tokens:
+            completions = self.engine.generate(requests, on_emit=on_emit)
+        else:  # e.g. the remote engine: jobs are answered (streams get their texts) when the batch ends
+            completions = self.engine.generate(requests)
+        for c in completions:
+            if (c.request_index, c.sample_index) not in done:
+                finished(c)
