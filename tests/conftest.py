@@ -5,6 +5,9 @@ import os
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads slowed a tiny
+# generate from ~5 s to ~95 s. Set before torch is imported by any test module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

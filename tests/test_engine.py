@@ -37,23 +37,47 @@ def _requests():
     return out
 
 
-def test_single_pass_equals_reference_loop_token_for_token(engine):
-    requests = _requests()
-    assert engine.batch_size >= len(requests)  # one batch, prompts of different lengths
-    completions = engine.generate(requests)
+@pytest.fixture(scope="module")
+def references(engine):
+    """The s1 stop-and-continue loop's result for every request of ``_requests()`` (greedy, float32)."""
     complete = hf_complete(engine.model, engine.pad_id)
-    waits_seen = set()
-    for req, c in zip(requests, completions):
+    out = []
+    for req in _requests():
         ids, tokens, cap = engine.prepare(req)
-        ref = stop_and_continue(ids, req.policy, tokens, complete, cap)
+        out.append(stop_and_continue(ids, req.policy, tokens, complete, cap))
+    return out
+
+
+def _assert_equal(requests, completions, refs):
+    for req, c, ref in zip(requests, completions, refs):
         assert c.token_ids == ref.token_ids, f"mismatch for {req.policy} / {req.format.name}"
         assert (c.thinking_tokens, c.waits_used, c.hit_cap, c.finish_reason) == (
             len(ref.thinking_ids), ref.waits_used, ref.hit_cap, ref.finish_reason)
-        waits_seen.add(c.waits_used)
+
+
+def test_single_pass_equals_reference_loop_token_for_token(engine, references):
+    requests = _requests()
+    assert engine.batch_size >= len(requests)  # one batch, prompts of different lengths
+    completions = engine.generate(requests)
+    _assert_equal(requests, completions, references)
+    waits_seen = {c.waits_used for c in completions}
     # the comparison exercised caps, waits of every count, and long free-running thinking
     assert {0, 1, 2, 3} <= waits_seen
     assert any(c.hit_cap for c in completions) and any(not c.hit_cap for c in completions)
     assert max(c.thinking_tokens for c in completions) >= 60
+
+
+def test_fast_path_with_continuous_batching_equals_reference_loop(engine, references):
+    """The fast path (static slots, tensor budget machine, refilled slots) on the CPU, eagerly (no CUDA graphs)."""
+    from s1kit.engines.hf import HFEngine
+
+    fast = HFEngine(engine.model, engine.tokenizer, batch_size=4, fast=True)
+    pairs = [(r, ref) for r, ref in zip(_requests(), references) if r.policy.max_thinking_tokens is not None]
+    requests = [r for r, _ in pairs]
+    completions = fast.generate(requests)  # 12 requests through 4 slots: finished slots are refilled
+    _assert_equal(requests, completions, [ref for _, ref in pairs])
+    assert fast._fast is not None and fast._fast.stats["steps"] > 0  # the fast path really ran
+    assert {0, 1, 2, 3} <= {c.waits_used for c in completions}
 
 
 def test_budgets_are_exact_on_the_real_model(engine):

@@ -44,7 +44,7 @@ def _generation_eos(model: Any) -> list[int]:
 class HFEngine:
     """Budget forcing with a transformers causal LM in this process (CPU or GPU)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32) -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, fast: bool | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -54,14 +54,18 @@ class HFEngine:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._warpers: dict[SamplingParams, LogitsProcessorList] = {}
+        # The fast path (static slots, CUDA graphs, continuous batching): default on CUDA.
+        self.fast = model.device.type == "cuda" if fast is None else fast
+        self._fast: Any = None
 
     @classmethod
-    def load(cls, ref: str, device: str | None = None, dtype: Any = None, batch_size: int = 32) -> "HFEngine":
+    def load(cls, ref: str, device: str | None = None, dtype: Any = None, batch_size: int = 32,
+             fast: bool | None = None) -> "HFEngine":
         """Load a model reference (see ``s1kit.models.load_model``) into an engine."""
         from ..models import load_model
 
         model, tokenizer = load_model(ref, device=device, dtype=dtype)
-        return cls(model, tokenizer, batch_size=batch_size)
+        return cls(model, tokenizer, batch_size=batch_size, fast=fast)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +90,8 @@ class HFEngine:
         ``on_emit(request_index, sample_index, state)`` runs after every emitted token (streaming); if it
         returns ``False`` the sequence is cancelled at once (``finish_reason == "cancelled"``).
         """
+        if self.fast and on_emit is None and all(r.policy.max_thinking_tokens is not None for r in requests):
+            return self._generate_fast(requests, on_progress)
         rows: list[_Row] = []
         prompt_lens = []
         for ri, req in enumerate(requests):
@@ -106,6 +112,27 @@ class HFEngine:
                             r.request_index, r.sample_index)
             for r in rows
         ]
+
+    def _generate_fast(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None) -> list[Completion]:
+        """The fast path: every request has a thinking cap, so each row's cache needs are bounded."""
+        from .fast import FastDecoder, FastRow
+
+        if self._fast is None:
+            self._fast = FastDecoder(self.model, self.tokenizer, self.pad_id, slots=self.batch_size)
+        seeds = [r.sampling.seed for r in requests if r.sampling.seed is not None]
+        if seeds:  # fast-path sampling is seeded per call, not per row
+            self._fast.generator.manual_seed(seeds[0])
+        rows, index, prompt_lens = [], [], []
+        for ri, req in enumerate(requests):
+            ids, tokens, cap = self.prepare(req)
+            prompt_lens.append(len(ids))
+            sp = req.sampling
+            for si in range(sp.n):
+                rows.append(FastRow(ids, req.policy, tokens, cap, sp.temperature, sp.top_k, sp.top_p))
+                index.append((ri, si))
+        self._fast.run(rows, on_progress)
+        return [make_completion(row.trace, self.tokenizer, requests[ri], prompt_lens[ri], ri, si)
+                for row, (ri, si) in zip(rows, index)]
 
     def _propose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         greedy = logits.argmax(-1).tolist()

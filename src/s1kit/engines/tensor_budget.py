@@ -1,0 +1,181 @@
+"""``BudgetState`` for a whole batch as tensors: the same transitions, no device→host sync per step.
+
+The fast path keeps every row's budget state on the device so that a decode step (model forward, proposal,
+forcing, bookkeeping) can be captured in one CUDA graph. Each row gets a small *script table*: the token
+sequences the pure machine may force (the opener after an accepted stop, the two cap closings, each wait
+string), so loading a forced sequence is a gather. ``tests/test_tensor_budget.py`` drives this and the pure
+``BudgetState`` with the same proposals and requires identical emissions, counts and endings.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..budget import BudgetPolicy, BudgetState, ForcingTokens
+
+# Kinds of emitted tokens (recorded per step; the host rebuilds thinking/answer texts from them).
+THINK, OPENER, PREFIX, ANSWER, END, NONE = 0, 1, 2, 3, 4, 5
+# Phases, as in budget.Phase.
+P_THINK, P_ANSWER, P_DONE = 0, 1, 2
+# Finish reasons.
+F_NONE, F_STOP, F_LENGTH = 0, 1, 2
+# Script rows: 0 = opener (accepted stop), 1 = cap closing after a newline, 2 = cap closing without one, 3+ = waits.
+S_OPENER, S_CAP_NL, S_CAP, S_WAIT = 0, 1, 2, 3
+NO_CAP = 1 << 40
+
+
+def script_of(tokens: ForcingTokens) -> list[list[tuple[int, int]]]:
+    """The forced sequences of one row as (token, kind) lists, in script-row order."""
+    nl_close = tokens.cap_close_ids(True)
+    close = tokens.cap_close_ids(False)
+    return [
+        [(t, OPENER) for t in tokens.opener_ids],
+        [(t, OPENER) for t in nl_close[0]] + [(t, PREFIX) for t in nl_close[1]],
+        [(t, OPENER) for t in close[0]] + [(t, PREFIX) for t in close[1]],
+        *[[(t, THINK) for t in w] for w in tokens.wait_ids],
+    ]
+
+
+class TensorBudget:
+    """Budget states of ``B`` slots on one device; rows are (re)loaded with ``load`` and stepped together."""
+
+    def __init__(self, slots: int, device: torch.device | str, vocab_size: int, newline_table: torch.Tensor,
+                 max_script: int = 64, max_scripts: int = 8, max_set: int = 8) -> None:
+        dev = torch.device(device)
+        z = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=dev)  # noqa: E731
+        self.slots, self.device = slots, dev
+        self.ends_nl_table = newline_table.to(dev)  # [V] bool: does this token's text end with "\n"
+        self.phase = z() + P_DONE
+        self.n_think, self.waits_used, self.n_answer = z(), z(), z()
+        self.cap, self.min_think, self.num_waits, self.max_answer = z() + NO_CAP, z(), z(), z() + 1
+        self.n_waits_strings = z() + 1
+        self.hit_cap, self.ends_nl = z(torch.bool), z(torch.bool)
+        self.finish = z()
+        self.q_tok = torch.zeros(slots, max_script, dtype=torch.long, device=dev)
+        self.q_kind = torch.zeros(slots, max_script, dtype=torch.long, device=dev)
+        self.q_len, self.q_pos = z(), z()
+        self.s_tok = torch.zeros(slots, max_scripts, max_script, dtype=torch.long, device=dev)
+        self.s_kind = torch.zeros(slots, max_scripts, max_script, dtype=torch.long, device=dev)
+        self.s_len = torch.zeros(slots, max_scripts, dtype=torch.long, device=dev)
+        self.stop_set = torch.full((slots, max_set), -1, dtype=torch.long, device=dev)
+        self.end_set = torch.full((slots, max_set), -1, dtype=torch.long, device=dev)
+        self.vocab_size = vocab_size
+        self._rows = torch.arange(slots, device=dev)
+
+    # ---- host side: (re)initialise a slot ---------------------------------------------------------------
+    def load(self, slot: int, policy: BudgetPolicy, tokens: ForcingTokens, cap: int | None) -> None:
+        """Start slot ``slot`` afresh for one sequence (a small host→device write, not per step)."""
+        scripts = script_of(tokens)
+        if len(scripts) > self.s_tok.shape[1] or max(len(s) for s in scripts) > self.s_tok.shape[2]:
+            raise ValueError("too many or too long wait strings / closing sequences for the fast path")
+        if len(tokens.stop_ids) > self.stop_set.shape[1] or len(tokens.end_ids) > self.end_set.shape[1]:
+            raise ValueError("too many stop or end tokens for the fast path")
+        s_tok = torch.zeros(self.s_tok.shape[1:], dtype=torch.long)
+        s_kind = torch.zeros_like(s_tok)
+        s_len = torch.zeros(self.s_tok.shape[1], dtype=torch.long)
+        for i, seq in enumerate(scripts):
+            s_len[i] = len(seq)
+            for j, (t, k) in enumerate(seq):
+                s_tok[i, j], s_kind[i, j] = t, k
+        self.s_tok[slot], self.s_kind[slot], self.s_len[slot] = s_tok, s_kind, s_len
+        stop = torch.full((self.stop_set.shape[1],), -1, dtype=torch.long)
+        stop[: len(tokens.stop_ids)] = torch.tensor(sorted(tokens.stop_ids))
+        end = torch.full((self.end_set.shape[1],), -1, dtype=torch.long)
+        end[: len(tokens.end_ids)] = torch.tensor(sorted(tokens.end_ids))
+        self.stop_set[slot], self.end_set[slot] = stop, end
+        cap = policy.max_thinking_tokens if cap is None else cap
+        vals = {
+            "phase": P_THINK, "n_think": 0, "waits_used": 0, "n_answer": 0, "finish": F_NONE,
+            "cap": NO_CAP if cap is None else cap, "min_think": policy.min_thinking_tokens,
+            "num_waits": policy.num_waits, "max_answer": policy.max_answer_tokens,
+            "n_waits_strings": len(tokens.wait_ids), "q_len": 0, "q_pos": 0,
+        }
+        for name, v in vals.items():
+            getattr(self, name)[slot] = v
+        self.hit_cap[slot] = False
+        self.ends_nl[slot] = tokens.prompt_ends_with_newline
+
+    def free(self, slot: int) -> None:
+        """Mark a slot unused (it emits nothing until loaded again)."""
+        self.phase[slot] = P_DONE
+
+    # ---- device side: one step for every slot, no host sync ---------------------------------------------
+    def _load_script(self, mask: torch.Tensor, script: torch.Tensor) -> None:
+        tok = self.s_tok[self._rows, script]
+        kind = self.s_kind[self._rows, script]
+        n = self.s_len[self._rows, script]
+        m2 = mask.unsqueeze(1)
+        self.q_tok.copy_(torch.where(m2, tok, self.q_tok))
+        self.q_kind.copy_(torch.where(m2, kind, self.q_kind))
+        self.q_len.copy_(torch.where(mask, n, self.q_len))
+        self.q_pos.copy_(torch.where(mask, torch.zeros_like(self.q_pos), self.q_pos))
+
+    def step(self, proposed: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume proposals ``[B]``; return (emitted tokens, their kinds). Mirrors ``BudgetState.step``."""
+        live = self.phase != P_DONE
+        think = self.phase == P_THINK
+        cap_reached = self.n_think >= self.cap
+        queued = self.q_pos < self.q_len
+        head_kind = self.q_kind.gather(1, self.q_pos.clamp(max=self.q_kind.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        # A Wait being forced is cut short by the cap.
+        cut = live & queued & (head_kind == THINK) & cap_reached
+        self.q_len.copy_(torch.where(cut, self.q_pos, self.q_len))
+        queued = queued & ~cut
+        free_think = live & ~queued & think
+        is_stop = (proposed.unsqueeze(1) == self.stop_set).any(1)
+        # THINK without a queue: the cap closes; a stop becomes a Wait or the opener; anything else is thinking.
+        capping = free_think & cap_reached
+        stopping = free_think & ~cap_reached & is_stop
+        waiting = stopping & ((self.waits_used < self.num_waits) | (self.n_think < self.min_think))
+        accepting = stopping & ~waiting
+        self.hit_cap.copy_(self.hit_cap | capping)
+        script = torch.where(
+            capping, torch.where(self.ends_nl, S_CAP_NL, S_CAP),
+            torch.where(waiting, S_WAIT + self.waits_used % self.n_waits_strings, S_OPENER))
+        loading = capping | stopping
+        self._load_script(loading, script)
+        self.waits_used.add_(waiting.long())
+        self.phase.copy_(torch.where(capping | accepting, P_ANSWER, self.phase))
+        from_queue = live & (queued | loading)
+        qtok = self.q_tok.gather(1, self.q_pos.clamp(max=self.q_tok.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        qkind = self.q_kind.gather(1, self.q_pos.clamp(max=self.q_kind.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        self.q_pos.add_(from_queue.long())
+        # ANSWER without a queue: the proposal is the answer, or the end of the turn.
+        answering = live & ~from_queue & ~think
+        is_end = (proposed.unsqueeze(1) == self.end_set).any(1)
+        ending = answering & is_end
+        sampled = answering & ~is_end
+        self.n_answer.add_(sampled.long())
+        too_long = sampled & (self.n_answer >= self.max_answer)
+        self.finish.copy_(torch.where(ending, F_STOP, torch.where(too_long, F_LENGTH, self.finish)))
+        self.phase.copy_(torch.where(ending | too_long, P_DONE, self.phase))
+        plain_think = free_think & ~capping & ~stopping
+        emitted = torch.where(from_queue, qtok, torch.where(live, proposed, torch.full_like(proposed, pad_id)))
+        kind = torch.where(from_queue, qkind, torch.where(
+            plain_think, THINK, torch.where(ending, END, torch.where(sampled, ANSWER, NONE))))
+        thinking = kind == THINK
+        self.n_think.add_(thinking.long())
+        nl = self.ends_nl_table[emitted.clamp(0, self.ends_nl_table.shape[0] - 1)]
+        self.ends_nl.copy_(torch.where(thinking, nl, self.ends_nl))
+        return emitted, kind
+
+
+def newline_table(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[V] bool: whether each token's text ends with a newline (decoded once per tokenizer)."""
+    n = min(vocab_size, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    out = torch.zeros(vocab_size, dtype=torch.bool)
+    out[:n] = torch.tensor([t.endswith("\n") for t in texts])
+    return out
+
+
+def replay(policy: BudgetPolicy, tokens: ForcingTokens, cap: int | None, proposals: Sequence[int]) -> BudgetState:
+    """The pure machine fed the same proposals (tests compare it with the tensor form)."""
+    s = BudgetState(policy, tokens, cap)
+    for p in proposals:
+        if s.done:
+            break
+        s.step(p)
+    return s

@@ -1,0 +1,80 @@
+"""The tensor (fast-path) budget machine against the pure BudgetState, on identical proposal streams.
+
+Ids are small integers as in test_budget.py (the machines only see ids, so nothing is mocked); proposals are
+random with stop and end tokens made frequent, over many policies, all slots of a batch stepped together.
+"""
+
+import random
+
+import pytest
+import torch
+
+from s1kit.budget import BudgetPolicy
+from s1kit.engines.tensor_budget import ANSWER, END, NONE, OPENER, PREFIX, THINK, TensorBudget, replay
+
+from test_budget import IM_END, IM_START, EOS, NL, ONE_WAIT, TOKENS, TWO_TOKEN_WAIT
+
+VOCAB = 128
+NL_TABLE = torch.zeros(VOCAB, dtype=torch.bool)
+NL_TABLE[[NL, 40]] = True  # same rule as TOKENS.ends_with_newline
+
+
+def random_policy(rng: random.Random) -> BudgetPolicy:
+    cap = rng.choice([None, 0, 1, 3, 8, 20])
+    lo = rng.choice([0, 2, 6, 12])
+    if cap is not None:
+        lo = min(lo, cap)
+    return BudgetPolicy(max_thinking_tokens=cap, min_thinking_tokens=lo, num_waits=rng.choice([0, 1, 2, 3]),
+                        max_answer_tokens=rng.choice([1, 3, 10]))
+
+
+def proposals(rng: random.Random, n: int) -> list[int]:
+    special = [IM_START, IM_END, EOS, NL, 40]
+    return [rng.choice(special) if rng.random() < 0.3 else rng.randrange(1, 60) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tensor_machine_equals_pure_machine(seed):
+    rng = random.Random(seed)
+    slots = 16
+    tb = TensorBudget(slots, "cpu", VOCAB, NL_TABLE)
+    rows = []
+    for b in range(slots):
+        tokens = rng.choice([TOKENS, ONE_WAIT, TWO_TOKEN_WAIT])
+        policy = random_policy(rng)
+        cap = rng.choice([None, None, 5]) if policy.min_thinking_tokens <= 5 else None
+        tb.load(b, policy, tokens, cap)
+        rows.append((policy, tokens, cap, proposals(rng, 80)))
+    emitted, kinds = [], []
+    for t in range(80):
+        e, k = tb.step(torch.tensor([r[3][t] for r in rows]), pad_id=0)
+        emitted.append(e.tolist())
+        kinds.append(k.tolist())
+    for b, (policy, tokens, cap, props) in enumerate(rows):
+        pure = replay(policy, tokens, cap, props)
+        assert pure.done, "80 proposals always finish these policies"
+        ks = [kinds[t][b] for t in range(80)]
+        es = [emitted[t][b] for t in range(80)]
+        out = [e for e, k in zip(es, ks) if k != NONE]
+        assert out == pure.token_ids
+        assert [e for e, k in zip(es, ks) if k == THINK] == pure.thinking_ids
+        assert [e for e, k in zip(es, ks) if k in (PREFIX, ANSWER)] == pure.answer_ids
+        assert int(tb.waits_used[b]) == pure.waits_used
+        assert bool(tb.hit_cap[b]) == pure.hit_cap
+        assert {1: "stop", 2: "length"}[int(tb.finish[b])] == pure.finish_reason
+        assert ks.index(NONE) == len(pure.token_ids)  # nothing after the end
+        assert all(k == OPENER for k in ks if k == OPENER)
+        assert (END in ks) == (pure.finish_reason == "stop")
+
+
+def test_reloading_a_slot_starts_a_fresh_sequence():
+    tb = TensorBudget(2, "cpu", VOCAB, NL_TABLE)
+    policy = BudgetPolicy(max_thinking_tokens=2, max_answer_tokens=1)
+    for b in range(2):
+        tb.load(b, policy, TOKENS, None)
+    for p in [5, 6] + [0] * 7:  # 2 thinking, 6 forced closing tokens, 1 answer token
+        tb.step(torch.tensor([p, p]), pad_id=0)
+    assert tb.phase.tolist() == [2, 2]
+    tb.load(0, BudgetPolicy(num_waits=1), TOKENS, None)
+    e, k = tb.step(torch.tensor([IM_START, 7]), pad_id=0)
+    assert e.tolist() == [30, 0] and k.tolist() == [THINK, NONE]  # slot 0 waits, slot 1 stays finished
