@@ -266,6 +266,7 @@ def test_serve_help_and_bad_options():
             (["--port", port], "cannot listen on 127.0.0.1:" + port),
             (["--port", "70000"], "--port must be in 1..65535"),
             (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+            (["--batch-window-ms", "-1"], "--batch-window-ms must be >= 0"),
             (["--engine", "remote", "--port", str(free_port())], "--engine remote needs --base-url"),
             (["--engine", "vllm", "--port", str(free_port())], "unknown engine 'vllm'"),
             (["--base-url", "http://x/v1", "--port", str(free_port())], "--base-url is only used with --engine remote"),

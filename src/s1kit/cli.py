@@ -315,6 +315,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the model."),
     port: int = typer.Option(8000, help="TCP port."),
     max_batch_size: int = typer.Option(16, help="Sequences decoded together; requests arriving meanwhile wait."),
+    batch_window_ms: float = typer.Option(5.0, help="How long a request reaching an idle server waits for others "
+                                                    "to share its batch."),
     api_key: Optional[str] = typer.Option(None, envvar="S1KIT_SERVE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     served_model_name: Optional[str] = typer.Option(None, help="Model name clients send. [default: --model]"),
@@ -330,6 +332,8 @@ def serve(
             raise S1KitError(f"--port must be in 1..65535, got {port}")
         if max_batch_size < 1:
             raise S1KitError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+        if not batch_window_ms >= 0:
+            raise S1KitError(f"--batch-window-ms must be >= 0, got {batch_window_ms}")
         if api_key is not None and not api_key.strip():
             raise S1KitError("--api-key must not be empty")
         fmt = get_format(format)
@@ -355,8 +359,9 @@ def serve(
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
     name = served_model_name or model
     typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
-    uvicorn.run(create_app(engine, name, api_key=api_key, max_batch_size=max_batch_size, format=fmt),
-                host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(engine, name, api_key=api_key, max_batch_size=max_batch_size, format=fmt,
+                           batch_window_s=batch_window_ms / 1000), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
 
 
 @app.command(epilog="Example: s1kit curate --pool math-train --size 100 --seed 0 --out runs/s1k/s1k.jsonl "

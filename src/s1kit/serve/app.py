@@ -199,13 +199,16 @@ class _BearerAuth:
 
 
 def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | None = None,
-               max_batch_size: int = 16, format: str | ThinkingFormat = "s1") -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token."""
+               max_batch_size: int = 16, format: str | ThinkingFormat = "s1", batch_window_s: float = 0.005) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token.
+
+    ``batch_window_s``: how long a request arriving at an idle server waits for others to share its batch.
+    """
     api = _Api(engine, model_name, get_format(format), max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        api.batcher = Batcher(engine, max_batch_size=max_batch_size)
+        api.batcher = Batcher(engine, max_batch_size=max_batch_size, window_s=batch_window_s)
         app.state.batcher = api.batcher
         try:
             yield

@@ -126,6 +126,8 @@ class Batcher:
     def __init__(self, engine: Engine, max_batch_size: int = 16, window_s: float = 0.005) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not window_s >= 0:
+            raise ValueError(f"the batch window must be >= 0 seconds, got {window_s}")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.window_s = window_s  # how long a first request waits for company
