@@ -57,9 +57,9 @@ def health(server) -> dict:
     return httpx.get(server + "/health").json()
 
 
-def chat(client, prompt, budget, max_tokens=6, **kw):
+def chat(client, prompt, budget, max_tokens=6, temperature=0, **kw):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=max_tokens, temperature=0,
+                                          max_tokens=max_tokens, temperature=temperature,
                                           extra_body={"thinking_budget": budget}, **kw)
 
 
@@ -152,6 +152,17 @@ def test_text_completions_and_models(client):
     assert text == {c.index: c.text for c in r.choices}
     assert reasoning == {c.index: c.reasoning_content for c in r.choices}
     assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_n_seeded_samples_stream_to_their_own_choices(client):
+    kw = dict(n=2, temperature=0.8, seed=7, max_tokens=3)
+    full = chat(client, "Tell me a fact.", {"min_tokens": 5, "max_tokens": 5}, **kw)
+    reasoning, content, _, usage = reassemble(chat(client, "Tell me a fact.", {"min_tokens": 5, "max_tokens": 5},
+                                                   stream=True, stream_options={"include_usage": True}, **kw))
+    assert reasoning == {c.index: c.message.reasoning_content for c in full.choices}
+    assert content == {c.index: c.message.content for c in full.choices}
+    assert reasoning[0] != reasoning[1]  # two samples, not one twice
+    assert usage.completion_tokens_details.reasoning_tokens == full.usage.completion_tokens_details.reasoning_tokens == 10
 
 
 def test_reasoning_effort_and_budget_shorthands():
@@ -296,8 +307,10 @@ def test_s1kit_serve_end_to_end(engine):
 
         _wait_for(up, timeout=240)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-        r = chat(c, "What is 17*23?", {"min_tokens": 5, "max_tokens": 5}, max_tokens=4)
-        assert r.usage.completion_tokens_details.reasoning_tokens == 5 and r.choices[0].message.content
+        # the "must show", verbatim: default sampling and answer budget
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 17*23?"}],
+                                      extra_body={"thinking_budget": {"min_tokens": 24, "max_tokens": 24}})
+        assert r.usage.completion_tokens_details.reasoning_tokens == 24 and r.choices[0].message.content
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

@@ -337,6 +337,11 @@ def serve(
         if api_key is not None and not api_key.strip():
             raise S1KitError("--api-key must not be empty")
         fmt = get_format(format)
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn
+        except ImportError:
+            raise S1KitError("s1kit serve needs the serve extra: pip install 's1kit[serve]'") from None
         try:  # fail now, not after loading the model
             with socket.create_server((host, port)):
                 pass
@@ -351,8 +356,6 @@ def serve(
                              **options)
     except (S1KitError, ValueError) as e:
         fail(str(e))
-    import uvicorn
-
     from .serve import create_app
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
