@@ -172,28 +172,26 @@ def main() -> None:
                                        "mean_abs_diff": sum(diffs) / len(diffs)}
     if not main_process:
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("model", "params", "GPUs", "block", "batch (micro x accum x GPUs)", "tokens/s", "tokens/s/GPU",
-                  "MFU 6N", "MFU +attn", "mem GiB", title=f"s1 SFT recipe throughput on {gpu}")
+    # a markdown table (no rich: the GPU image has only torch, transformers, accelerate, peft, trl, datasets)
     mem = result["max_memory_gib"]
-    table.add_row(name, f"{params / 1e9:.2f} B", str(world), str(args.block_size),
-                  f"{batch} ({args.micro_batch_size} x {result['grad_accum']} x {world})", f"{tokens_per_s:,.0f}",
-                  f"{per_gpu:,.0f}", f"{result['mfu']:.1%}", f"{result['mfu_with_attention']:.1%}",
-                  "–" if mem is None else f"{mem:.1f}")
-    console = Console(width=200)  # the whole table, also when piped to a log
-    console.print(table)
-    console.print("loss per step: " + " ".join(f"{x:.4f}" for x in losses))
+    head = ["model", "params", "GPUs", "block", "batch (micro x accum x GPUs)", "tokens/s", "tokens/s/GPU",
+            "MFU 6N", "MFU +attn", "mem GiB"]
+    row = [name, f"{params / 1e9:.2f} B", str(world), str(args.block_size),
+           f"{batch} ({args.micro_batch_size} x {result['grad_accum']} x {world})", f"{tokens_per_s:,.0f}",
+           f"{per_gpu:,.0f}", f"{result['mfu']:.1%}", f"{result['mfu_with_attention']:.1%}",
+           "–" if mem is None else f"{mem:.1f}"]
+    print(f"s1 SFT recipe throughput on {gpu} ({result['versions']})")
+    for line in (head, ["---"] * len(head), row):
+        print("| " + " | ".join(line) + " |")
+    print("loss per step: " + " ".join(f"{x:.4f}" for x in losses))
     if "loss_vs_reference" in result:
         r = result["loss_vs_reference"]
-        console.print(f"vs {r['reference']}: max |Δloss| {r['max_abs_diff']:.4f}, mean {r['mean_abs_diff']:.4f} "
-                      f"over {r['steps']} steps")
+        print(f"vs {r['reference']}: max |Δloss| {r['max_abs_diff']:.4f}, mean {r['mean_abs_diff']:.4f} "
+              f"over {r['steps']} steps")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-        console.print(f"wrote {args.json}")
-
+        print(f"wrote {args.json}")
 
 if __name__ == "__main__":
     main()

@@ -143,6 +143,7 @@ def test_recipe_defaults_reach_trl(tmp_path):
     assert (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, cfg.adam_beta1, cfg.adam_beta2,
             cfg.weight_decay) == (16, 0.9, 0.95, 1e-4)
     assert cfg.bf16 == torch.cuda.is_available() and cfg.max_length is None and not cfg.packing
+    assert str(cfg.optim.value).startswith("adamw_torch")
     assert sft_config(Recipe(batch_size=16, micro_batch_size=2), tmp_path, processes=4).gradient_accumulation_steps == 2
     assert Recipe(lora=True).lr == 1e-4
     with pytest.raises(ValueError, match="multiple of micro-batch-size x processes"):

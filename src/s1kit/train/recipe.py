@@ -109,8 +109,7 @@ def sft_config(recipe: Recipe, out: str | Path, processes: int | None = None) ->
         warmup_steps=recipe.warmup_ratio,  # a float < 1 is a fraction of all steps
         weight_decay=recipe.weight_decay,
         adam_beta1=recipe.adam_beta1,
-        adam_beta2=recipe.adam_beta2,
-        optim="adamw_torch",
+        adam_beta2=recipe.adam_beta2,  # optimizer: transformers' default, fused AdamW (torch >= 2.8), CPU and GPU
         bf16=torch.cuda.is_available(),
         max_length=None,  # lengths are checked (and cut only when asked) in build_training_set
         packing=False,
