@@ -2,7 +2,8 @@
 
 1. forced vs unforced, same model, same number of generated tokens: "forced" is min = max = N thinking
    tokens in the s1 format (the model keeps trying to stop and every stop is replaced by "Wait");
-   "unforced" lets the model write N tokens freely (a stop token it never proposes, then the cap).
+   "unforced" runs the same engine loop with the budget machine swapped for a pass-through that emits the
+   model's own proposals for exactly as many tokens, so the difference is what forcing costs.
 2. single pass vs the reference stop-and-continue loop at 4 Waits (greedy; both emit the same tokens).
 
     python benchmarks/forcing_overhead.py [--model smollm2-135m] [--prompts 8] [--tokens 128] [--json OUT]
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from s1kit import BudgetPolicy, Request, ThinkingFormat
+from s1kit.engines import hf
 from s1kit.engines.hf import HFEngine
 from s1kit.engines.reference import hf_complete, stop_and_continue
 
@@ -32,11 +34,28 @@ PROMPTS = [
     "What is the area of a circle of radius 5?",
     "How many ways can 5 people stand in a line?",
 ]
+class PassThrough:
+    """Stands in for BudgetState: emits every proposal, ends after ``n`` tokens (no forcing at all)."""
+
+    next_is_forced = False
+
+    def __init__(self, n: int) -> None:
+        self.n, self.token_ids = n, []
+        self.thinking_ids, self.answer_ids, self.waits_used, self.hit_cap, self.finish_reason = [], [], 0, False, "length"
+
+    @property
+    def done(self) -> bool:
+        return len(self.token_ids) >= self.n
+
+    def step(self, proposed: int) -> int:
+        self.token_ids.append(proposed)
+        self.thinking_ids.append(proposed)
+        return proposed
+
+
 # Free text until the end of the turn: thinking that is not forced.
 FREE = ThinkingFormat("free", think_open="", stop_tokens=("<|im_end|>",), answer_open="<|im_start|>answer\n",
                       end_tokens=("<|im_end|>",))
-NEVER = ThinkingFormat("never", think_open="<|im_start|>think\n", stop_tokens=("<|endoftext|>",),
-                       answer_open="<|im_start|>answer\n", end_tokens=("<|im_end|>",))
 
 
 def timed(fn, reps: int) -> tuple[float, object]:
@@ -62,10 +81,19 @@ def main() -> None:
     prompts = (PROMPTS * ((args.prompts + len(PROMPTS) - 1) // len(PROMPTS)))[: args.prompts]
     n = args.tokens
     forced = [Request(p, BudgetPolicy(min_thinking_tokens=n, max_thinking_tokens=n, max_answer_tokens=1)) for p in prompts]
-    unforced = [Request(p, BudgetPolicy(max_thinking_tokens=n, max_answer_tokens=1), NEVER) for p in prompts]
     eng.generate(forced[:1])  # warm-up
+    per_row = len(eng.generate(forced[:1])[0].token_ids)
+
+    def unforced_run():
+        real = hf.BudgetState
+        hf.BudgetState = lambda *a, **k: PassThrough(per_row)  # same loop, no forcing
+        try:
+            return eng.generate(forced)
+        finally:
+            hf.BudgetState = real
+
     # Interleaved repetitions, so that load drifting on a shared machine hits both sides alike.
-    runs = [(timed(lambda: eng.generate(forced), 1), timed(lambda: eng.generate(unforced), 1)) for _ in range(args.reps)]
+    runs = [(timed(lambda: eng.generate(forced), 1), timed(unforced_run, 1)) for _ in range(args.reps)]
     t_forced, c_forced = statistics.median(f[0] for f, _ in runs), runs[0][0][1]
     t_free, c_free = statistics.median(u[0] for _, u in runs), runs[0][1][1]
     tok_forced = sum(len(c.token_ids) for c in c_forced)
