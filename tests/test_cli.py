@@ -80,6 +80,6 @@ def test_malformed_input_file_names_file_and_line(engine, tmp_path):
 
 
 def test_every_command_has_help_with_an_example():
-    for cmd in ("generate", "models"):
+    for cmd in ("generate", "eval", "report", "models", "bench", "curate", "train", "serve"):
         r = s1kit(cmd, "--help")
         assert r.returncode == 0 and "Example: s1kit " + cmd in r.stdout
