@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
+from ..data.files import open_append, read_appended
 from ..engines.base import Completion, Engine, Request
 
 Progress = Callable[[int, str], ContextManager[Callable[..., None]]]
@@ -46,15 +47,7 @@ class ResultCache:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.records: dict[str, dict] = {}
-        if path is not None and path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill: that row is simply redone
-                    self.records[rec["uid"]] = rec
+        self.records: dict[str, dict] = {} if path is None else {rec["uid"]: rec for rec in read_appended(path)}
 
     def __contains__(self, uid: str) -> bool:
         return uid in self.records
@@ -68,18 +61,8 @@ class ResultCache:
             self.records[rec["uid"]] = rec
         if self.path is None or not recs:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # a kill can leave a partial last line: start on a fresh one
-        fresh = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("\n" * fresh + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-            f.flush()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"
+        with open_append(self.path) as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
 
 
 def cache_for(workdir: Path | None, stage: str, model: str, settings: Any) -> ResultCache:

@@ -8,7 +8,6 @@ a number where text belongs) would otherwise make Arrow's type inference reject 
 from __future__ import annotations
 
 import ast
-import csv
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 
 from ..data.benchmarks import _package_file, gsm8k_gold, last_boxed
+from ..data.files import iter_records
 from ..errors import S1KitError
 from .stage import StageReport, Timer
 
@@ -128,35 +128,8 @@ def normalize_record(rec: Any, source: str) -> tuple[dict | None, str | None]:
 
 def _read_file(path: Path) -> Iterator[tuple[Any, str | None]]:
     """(record, None) per row of a local file, or (None, reason) for a row that cannot be read."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), None
-                except json.JSONDecodeError:
-                    yield None, "invalid JSON"
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise S1KitError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {id: record}
-            data = data.get("data", list(data.values()))
-        if not isinstance(data, list):
-            raise S1KitError(f"{path}: expected a list of records")
-        yield from ((r, None) for r in data)
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from ((r, None) for r in csv.DictReader(f))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from ((r, None) for r in pq.read_table(path).to_pylist())
-    else:
-        raise S1KitError(f"{path}: unsupported pool file type (use .jsonl, .json, .csv or .parquet)")
+    for _, rec, error in iter_records(path):
+        yield (None, "invalid JSON") if error else (rec, None)
 
 
 def _read_hub(ref: str) -> Iterator[tuple[Any, str | None]]:

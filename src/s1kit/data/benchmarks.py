@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import random
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import S1KitError
+from .files import iter_records
 
 QUESTION_FIELDS = ("problem", "question", "Problem", "Question")
 ANSWER_FIELDS = ("answer", "Answer", "Correct Answer")
@@ -81,40 +81,11 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     """(line or row number, record) pairs from a local file; ``S1KitError`` naming file and line if malformed."""
     if not path.is_file():
         raise S1KitError(f"{path}: no such file")
-    suffix = path.suffix.lower()
     records: list[tuple[int, Any]] = []
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise S1KitError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise S1KitError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {id: record}
-            data = data.get("data", data.get("problems", list(data.values())))
-            if isinstance(data, dict):
-                data = list(data.values())
-        if not isinstance(data, list):
-            raise S1KitError(f"{path}: expected a list of records")
-        records = list(enumerate(data, 1))
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            records = [(n, row) for n, row in enumerate(csv.DictReader(f), 2)]
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise S1KitError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        records = list(enumerate(pq.read_table(path).to_pylist(), 1))
-    else:
-        raise S1KitError(f"{path}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
+    for n, rec, error in iter_records(path):
+        if error:
+            raise S1KitError(f"{path}:{n}: {error}")
+        records.append((n, rec))
     if not records:
         raise S1KitError(f"{path}: empty file (no records)")
     for n, rec in records:

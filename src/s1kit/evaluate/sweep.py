@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..budget import BudgetPolicy
 from ..data.benchmarks import MC_LETTERS, Benchmark, Item
+from ..data.files import open_append, read_appended
 from ..data.grading import Grader, extract_answer, extract_choice
 from ..engines.base import Engine, Request, SamplingParams
 from ..errors import S1KitError
@@ -104,15 +105,8 @@ class SampleStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records: dict[tuple[str, str, int], dict] = {}
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill: that sample is simply redone
-                    self.records[(rec["setting"], rec["item_id"], rec["sample"])] = rec
+        self.records: dict[tuple[str, str, int], dict] = {
+            (rec["setting"], rec["item_id"], rec["sample"]): rec for rec in read_appended(path)}
         self._file = None
 
     def __contains__(self, key: tuple[str, str, int]) -> bool:
@@ -121,12 +115,7 @@ class SampleStore:
     def add(self, rec: dict) -> None:
         """Append one graded sample and flush it to disk."""
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # a kill can leave a partial last line: start on a fresh line
-            needs_nl = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-            self._file = open(self.path, "a", encoding="utf-8")
-            if needs_nl:
-                self._file.write("\n")
+            self._file = open_append(self.path)
         self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._file.flush()
         self.records[(rec["setting"], rec["item_id"], rec["sample"])] = rec
