@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Annotated, Iterator, List, Optional
 
 import typer
 
@@ -22,6 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+# Engine options shared by the commands that take --model (one definition, one help text).
+EngineKind = Annotated[str, typer.Option("--engine", help="hf (in this process) or remote (an OpenAI-compatible server).")]
+BaseUrl = Annotated[Optional[str], typer.Option(help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1")]
+RemoteTokenizer = Annotated[Optional[str], typer.Option(
+    help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight with --engine remote.")]
+ApiKey = Annotated[Optional[str], typer.Option(envvar="S1KIT_API_KEY", help="Bearer token for --engine remote.")]
 
 
 def fail(message: str) -> None:
@@ -135,11 +144,11 @@ def generate(
     batch_size: int = typer.Option(32, help="Sequences decoded together."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
-    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
-    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]"),
-    concurrency: int = typer.Option(8, help="Requests in flight with --engine remote."),
-    api_key: Optional[str] = typer.Option(None, envvar="S1KIT_API_KEY", help="Bearer token for --engine remote."),
+    engine_kind: EngineKind = "hf",
+    base_url: BaseUrl = None,
+    tokenizer: RemoteTokenizer = None,
+    concurrency: Concurrency = 8,
+    api_key: ApiKey = None,
 ) -> None:
     """Generate with budget forcing: cap thinking, force a minimum, or extend it with "Wait"."""
     try:
@@ -229,11 +238,11 @@ def eval_(
     out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumable)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
-    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
-    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]"),
-    concurrency: int = typer.Option(8, help="Requests in flight with --engine remote."),
-    api_key: Optional[str] = typer.Option(None, envvar="S1KIT_API_KEY", help="Bearer token for --engine remote."),
+    engine_kind: EngineKind = "hf",
+    base_url: BaseUrl = None,
+    tokenizer: RemoteTokenizer = None,
+    concurrency: Concurrency = 8,
+    api_key: ApiKey = None,
 ) -> None:
     """Sweep thinking budgets over a benchmark: grade, then write summary.json, scaling.png and report.md.
 
@@ -338,7 +347,7 @@ def models() -> None:
                     "{\"min_tokens\": 24, \"max_tokens\": 64}}'")
 def serve(
     model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
-    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
+    engine_kind: EngineKind = "hf",
     base_url: Optional[str] = typer.Option(None, help="Upstream server for --engine remote, e.g. http://127.0.0.1:8080/v1"),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for --engine remote. [default: --model]"),
     upstream_api_key: Optional[str] = typer.Option(None, envvar="S1KIT_UPSTREAM_API_KEY",
@@ -421,8 +430,8 @@ def curate(
                                                     "(and no teacher gave one)."),
     workdir: Optional[Path] = typer.Option(None, help="Cache of model results (resumable). [default: OUT.work]"),
     format: str = typer.Option("s1", "--format", help="Thinking format of the model stages: s1 or r1."),
-    engine_kind: str = typer.Option("hf", "--engine", help="hf (in this process) or remote (an OpenAI-compatible server)."),
-    base_url: Optional[str] = typer.Option(None, help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1"),
+    engine_kind: EngineKind = "hf",
+    base_url: BaseUrl = None,
     batch_size: int = typer.Option(16, help="Sequences decoded together (hf engine)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
