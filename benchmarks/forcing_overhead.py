@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
+from _timing import median_time
 from rich.console import Console
 from rich.table import Table
 
@@ -58,15 +58,6 @@ FREE = ThinkingFormat("free", think_open="", stop_tokens=("<|im_end|>",), answer
                       end_tokens=("<|im_end|>",))
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -93,7 +84,7 @@ def main() -> None:
             hf.BudgetState = real
 
     # Interleaved repetitions, so that load drifting on a shared machine hits both sides alike.
-    runs = [(timed(lambda: eng.generate(forced), 1), timed(unforced_run, 1)) for _ in range(args.reps)]
+    runs = [(median_time(lambda: eng.generate(forced), 1), median_time(unforced_run, 1)) for _ in range(args.reps)]
     t_forced, c_forced = statistics.median(f[0] for f, _ in runs), runs[0][0][1]
     t_free, c_free = statistics.median(u[0] for _, u in runs), runs[0][1][1]
     tok_forced = sum(len(c.token_ids) for c in c_forced)
@@ -102,9 +93,9 @@ def main() -> None:
 
     waited = [Request(p, BudgetPolicy(num_waits=4, max_thinking_tokens=4 * n, max_answer_tokens=16), FREE)
               for p in prompts]
-    t_single, c_single = timed(lambda: eng.generate(waited), args.reps)
+    t_single, c_single = median_time(lambda: eng.generate(waited), args.reps)
     one_by_one = HFEngine(eng.model, eng.tokenizer, batch_size=1)
-    t_single1, _ = timed(lambda: one_by_one.generate(waited), 1)
+    t_single1, _ = median_time(lambda: one_by_one.generate(waited), 1)
     complete = hf_complete(eng.model, eng.pad_id)
 
     def reference():
@@ -114,7 +105,7 @@ def main() -> None:
             out.append(stop_and_continue(ids, r.policy, tokens, complete, cap))
         return out
 
-    t_ref, c_ref = timed(reference, 1)
+    t_ref, c_ref = median_time(reference, 1)
     same = all(a.token_ids == b.token_ids for a, b in zip(c_single, c_ref))
     tok_waited = sum(len(c.token_ids) for c in c_single)
 

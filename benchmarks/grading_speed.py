@@ -12,24 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
+from _timing import median_time
 from rich.console import Console
 from rich.table import Table
 
 from s1kit.data.benchmarks import _package_file, load_benchmark
 from s1kit.data.grading import Grader, _symbolic, extract_answer
-
-
-def best_of(fn, reps: int) -> tuple[float, object]:
-    """Median seconds over ``reps`` runs, and the last result."""
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -44,14 +33,14 @@ def main() -> None:
         solutions = [json.loads(line)["solution"] for line in f]
     golds, kinds = [it.gold for it in items], [it.kind for it in items]
 
-    t_extract, preds = best_of(lambda: [extract_answer(s) for s in solutions], args.reps)
+    t_extract, preds = median_time(lambda: [extract_answer(s) for s in solutions], args.reps)
 
     def grade_all():
         with Grader() as g:
             return g.grade_many(preds, golds, kinds)
 
-    t_grader, ok = best_of(grade_all, args.reps)
-    t_symbolic, ok_sym = best_of(lambda: [_symbolic(p, g, 5) for p, g in zip(preds, golds)], 1)
+    t_grader, ok = median_time(grade_all, args.reps)
+    t_symbolic, ok_sym = median_time(lambda: [_symbolic(p, g, 5) for p, g in zip(preds, golds)], 1)
 
     res = {"items": len(items), "cpus": os.cpu_count(), "extract_s": t_extract, "grader_s": t_grader,
            "grader_correct": sum(ok), "symbolic_only_s": t_symbolic, "symbolic_only_correct": sum(ok_sym)}
