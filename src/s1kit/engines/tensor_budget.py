@@ -112,13 +112,17 @@ class TensorBudget:
         self.q_len.copy_(torch.where(mask, n, self.q_len))
         self.q_pos.copy_(torch.where(mask, torch.zeros_like(self.q_pos), self.q_pos))
 
+    def _at_queue_head(self, queue: torch.Tensor) -> torch.Tensor:
+        """Each row's entry of ``queue`` at its read position (clamped: an empty queue's value is unused)."""
+        return queue.gather(1, self.q_pos.clamp(max=queue.shape[1] - 1).unsqueeze(1)).squeeze(1)
+
     def step(self, proposed: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume proposals ``[B]``; return (emitted tokens, their kinds). Mirrors ``BudgetState.step``."""
         live = self.phase != P_DONE
         think = self.phase == P_THINK
         cap_reached = self.n_think >= self.cap
         queued = self.q_pos < self.q_len
-        head_kind = self.q_kind.gather(1, self.q_pos.clamp(max=self.q_kind.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        head_kind = self._at_queue_head(self.q_kind)
         # A Wait being forced is cut short by the cap.
         cut = live & queued & (head_kind == THINK) & cap_reached
         self.q_len.copy_(torch.where(cut, self.q_pos, self.q_len))
@@ -139,8 +143,7 @@ class TensorBudget:
         self.waits_used.add_(waiting.long())
         self.phase.copy_(torch.where(capping | accepting, P_ANSWER, self.phase))
         from_queue = live & (queued | loading)
-        qtok = self.q_tok.gather(1, self.q_pos.clamp(max=self.q_tok.shape[1] - 1).unsqueeze(1)).squeeze(1)
-        qkind = self.q_kind.gather(1, self.q_pos.clamp(max=self.q_kind.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        qtok, qkind = self._at_queue_head(self.q_tok), self._at_queue_head(self.q_kind)
         self.q_pos.add_(from_queue.long())
         # ANSWER without a queue: the proposal is the answer, or the end of the turn.
         answering = live & ~from_queue & ~think
