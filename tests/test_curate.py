@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from s1kit.budget import BudgetPolicy
 from s1kit.cli import app
 from s1kit.curate import (LLMClassifier, NamedEngine, S1K_COLUMNS, classify_domains, curate, decontaminate,
-                          difficulty, load_eval_sets, load_pool, quality, require_traces, select)
+                          difficulty, load_eval_sets, load_pool, quality, require_traces, select, select_random)
 from s1kit.curate.domains import FieldClassifier, keyword_domain, msc_codes, parse_code
 from s1kit.curate.pool import normalize_record, rows_to_table
 from s1kit.curate.select import DirectPick, diversity_sample, geometric_rank
@@ -82,6 +82,18 @@ def test_bad_pool_rows_are_dropped_with_a_counted_reason(tmp_path):
     assert result.selected.num_rows == 2
     summary = json.loads((tmp_path / "curation_report.json").read_text())
     assert summary["stages"][0]["dropped"]["invalid JSON"] == 1
+
+
+def test_pool_sample_draws_per_pool_seeded():
+    table, report = load_pool(["math-train", "gsm8k-train"], per_pool=100, seed=0)
+    assert Counter(table.column("source_type").to_pylist()) == {"math-train": 100, "gsm8k-train": 100}
+    assert report.rows_in == 14973 and report.rows_out == 200
+    assert report.dropped == {"not sampled (100 per pool)": 7400 + 7373}
+    uids = table.column("uid").to_pylist()
+    assert uids == load_pool(["math-train", "gsm8k-train"], per_pool=100, seed=0)[0].column("uid").to_pylist()
+    assert uids != load_pool(["math-train", "gsm8k-train"], per_pool=100, seed=1)[0].column("uid").to_pylist()
+    with pytest.raises(ValueError, match="per_pool must be an integer >= 1"):
+        load_pool("math-train", per_pool=0)
 
 
 def test_pool_reads_gsm8k_and_math_and_keeps_s1k_rows(tmp_path):
@@ -189,6 +201,21 @@ def test_select_is_seeded_diverse_and_favours_long_traces(candidates):
     assert report.info["diversity_sampled"] == 100 and report.dropped == {"not selected": candidates.num_rows - 100}
 
 
+def test_select_random_is_seeded_uniform_and_order_free(candidates):
+    a, report = select_random(candidates, 200, seed=0)
+    uids = a.column("uid").to_pylist()
+    assert len(set(uids)) == 200 and uids == select_random(candidates, 200, seed=0)[0].column("uid").to_pylist()
+    assert uids != select_random(candidates, 200, seed=1)[0].column("uid").to_pylist()
+    shuffled = candidates.take(pa.array(random.Random(5).sample(range(candidates.num_rows), candidates.num_rows)))
+    assert select_random(shuffled, 200, seed=0)[0].column("uid").to_pylist() == uids
+    mean = lambda t: sum(t.column("trace_tokens").to_pylist()) / t.num_rows  # noqa: E731
+    assert 0.8 < mean(a) / mean(candidates) < 1.25  # no preference for long traces, unlike Algorithm 1
+    assert report.dropped == {"not selected": candidates.num_rows - 200}
+    assert select_random(candidates.slice(0, 5), 200)[0].num_rows == 5  # fewer candidates than asked: all of them
+    with pytest.raises(ValueError, match="size must be an integer >= 1"):
+        select_random(candidates, 0)
+
+
 def test_algorithm1_weights_and_domain_exhaustion():
     rng = random.Random(0)
     ranks = Counter(geometric_rank(rng, 6) for _ in range(20000))
@@ -244,10 +271,11 @@ class CountingEngine:
     """The real engine, counting the requests it is given (to prove that a rerun asks for nothing)."""
 
     def __init__(self, engine):
-        self.engine, self.tokenizer, self.requests = engine, engine.tokenizer, 0
+        self.engine, self.tokenizer, self.requests, self.largest = engine, engine.tokenizer, 0, 0
 
     def generate(self, requests, on_progress=None):
         self.requests += len(requests)
+        self.largest = max(self.largest, len(requests))
         return self.engine.generate(requests, on_progress=on_progress)
 
 
@@ -257,15 +285,16 @@ def test_model_stages_run_for_real_and_resume_from_the_workdir(engine, tmp_path)
     pool.write_text("".join(json.dumps(r) + "\n" for r in records))
     tiny = BudgetPolicy(max_thinking_tokens=8, min_thinking_tokens=8, max_answer_tokens=8)
 
-    def run(counter, out):
-        model = NamedEngine("smollm2-135m", counter)
+    def run(counter, out, selection="s1"):
+        model = NamedEngine("smollm2-135m", counter, chunk=2)
         return curate(str(pool), out, size=3, eval_sets=[], references=[model], teacher=model,
                       classifier=LLMClassifier(model, BudgetPolicy(max_thinking_tokens=4, max_answer_tokens=4)),
                       tokenizer=engine.tokenizer, workdir=tmp_path / "work", reference_policy=tiny,
-                      teacher_policy=tiny)
+                      teacher_policy=tiny, selection=selection)
 
     first = CountingEngine(engine)
     result = run(first, tmp_path / "a" / "s1k.jsonl")
+    assert first.largest == 2  # requests reach the engine in chunks of NamedEngine.chunk
     stages = {s.name: s for s in result.stages}
     assert stages["distill"].info["needed_trace"] == 3 and stages["distill"].info["filled"] == 3
     assert stages["difficulty"].info["graded"] == 4
@@ -282,6 +311,9 @@ def test_model_stages_run_for_real_and_resume_from_the_workdir(engine, tmp_path)
     run(again, tmp_path / "b" / "s1k.jsonl")
     assert again.requests == 0  # every model result came from the work directory
     assert (tmp_path / "b" / "s1k.jsonl").read_text() == (tmp_path / "a" / "s1k.jsonl").read_text()
+    rand = CountingEngine(engine)  # the 1K-random ablation reuses the same traces
+    assert run(rand, tmp_path / "r" / "s1k.jsonl", selection="random").stages[-1].info["random"] == min(3, left)
+    assert rand.requests == 0
 
     # a run killed mid-write: the cut line is redone, nothing else
     cache = next((tmp_path / "work").glob("distill-*.jsonl"))
@@ -319,6 +351,8 @@ def test_cli_curates_math_train_into_s1k(engine, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--pool", "no/such/file.jsonl"], "no such file"),
     (["--pool", "math-train", "--size", "0"], "size must be an integer >= 1"),
+    (["--pool", "math-train", "--selection", "best"], "selection must be one of s1, random"),
+    (["--pool", "math-train", "--pool-sample", "0"], "per_pool must be an integer >= 1"),
     (["--pool", "math-train", "--domain-classifier", "magic"], "--domain-classifier 'magic'"),
     (["--pool", "math-train", "--decontaminate", "nosuchbench"], "--decontaminate nosuchbench"),
     (["--pool", "math-train", "--engine", "remote"], "--engine remote needs --base-url"),

@@ -271,7 +271,8 @@ def eval_(
         def engine():  # loaded only when something is left to compute
             return open_engine(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size)
 
-        chunk = concurrency * 2 if engine_kind == "remote" else batch_size * 2
+        # Several batches per engine call: the fast path refills finished slots from the rest.
+        chunk = concurrency * 2 if engine_kind == "remote" else batch_size * 4
 
         total = len(settings) * len(bench.items) * samples
         tally = {"n": 0, "ok": 0}
@@ -413,8 +414,12 @@ def curate(
     pool: List[str] = typer.Option(..., help="Pool: .jsonl/.json/.csv/.parquet file, HF id (org/name[:split]), "
                                              "or offline math-train / gsm8k-train (repeatable)."),
     out: Path = typer.Option(..., help="Output JSONL in the s1K schema; the report goes beside it."),
+    pool_sample: Optional[int] = typer.Option(None, help="Keep N random rows of each pool (seeded by --seed), "
+                                                          "for small-scale runs."),
     size: int = typer.Option(1000, help="Rows to select."),
     seed: int = typer.Option(0, help="Seed of the diversity sampling."),
+    selection: str = typer.Option("s1", help="s1 (direct picks, then Algorithm 1's diversity sampling) or random "
+                                             "(uniform, s1's 1K-random ablation)."),
     decontaminate: str = typer.Option("math500,gsm8k", help="Evaluation sets to decontaminate against "
                                                              "(benchmark names or files, comma-separated; 'none')."),
     min_overlap: float = typer.Option(0.5, help="Share of an evaluation question's 8-grams a pool question must "
@@ -423,6 +428,7 @@ def curate(
     reference_max_thinking: int = typer.Option(1024, help="Thinking cap of the reference models."),
     teacher: Optional[str] = typer.Option(None, help="Model that writes traces for rows without one."),
     teacher_max_thinking: int = typer.Option(4096, help="Thinking cap of the teacher."),
+    teacher_max_answer: int = typer.Option(1024, help="Answer budget of the teacher."),
     domain_classifier: str = typer.Option("auto", help="auto (subject/type field, else keywords), keyword, "
                                                        "field:NAME or llm:MODEL."),
     trace_tokenizer: str = typer.Option("smollm2-135m", help="Tokenizer that measures trace lengths."),
@@ -453,18 +459,19 @@ def curate(
             s.strip() for s in decontaminate.split(",") if s.strip()]
         fmt = get_format(format)
         ref_policy = BudgetPolicy(max_thinking_tokens=reference_max_thinking, max_answer_tokens=256)
-        teacher_policy = BudgetPolicy(max_thinking_tokens=teacher_max_thinking, max_answer_tokens=1024)
+        teacher_policy = BudgetPolicy(max_thinking_tokens=teacher_max_thinking, max_answer_tokens=teacher_max_answer)
 
         def engine(name: str):  # loaded on first use: a fully cached run loads no model
             return lambda: make_engine(name, engine_kind, base_url, device=device, dtype=dtype, batch_size=batch_size)
 
+        chunk = max(64, 4 * batch_size)  # requests per engine call: keeps refilled batches full
         result = run_curation(
             pool, out, size=size, seed=seed, eval_sets=eval_sets, min_overlap=min_overlap,
-            references=[NamedEngine(m, engine(m)) for m in reference_model or []],
-            teacher=NamedEngine(teacher, engine(teacher)) if teacher else None, classifier=domain_classifier,
+            references=[NamedEngine(m, engine(m), chunk) for m in reference_model or []],
+            teacher=NamedEngine(teacher, engine(teacher), chunk) if teacher else None, classifier=domain_classifier,
             tokenizer=trace_tokenizer, workdir=workdir, solution_traces=solution_traces,
             reference_policy=ref_policy, teacher_policy=teacher_policy, fmt=fmt, make_engine=engine,
-            progress=progress_bar)
+            progress=progress_bar, selection=selection, per_pool=pool_sample)
     except (S1KitError, ValueError) as e:
         fail(str(e))
     from rich.console import Console

@@ -9,12 +9,12 @@ from .generation import NamedEngine
 from .pipeline import CurationResult, curate
 from .pool import S1K_COLUMNS, as_table, load_pool, write_s1k
 from .quality import quality
-from .select import DirectPick, diversity_sample, select
+from .select import DirectPick, diversity_sample, select, select_random
 from .stage import StageReport
 
 __all__ = [
     "CurationResult", "DirectPick", "FieldClassifier", "KeywordClassifier", "LLMClassifier", "NamedEngine",
     "S1K_COLUMNS", "StageReport", "as_table", "classify_domains", "curate", "decontaminate", "difficulty",
     "distill", "diversity_sample", "load_eval_sets", "load_pool", "load_tokenizer", "msc_codes",
-    "parse_classifier", "quality", "require_traces", "select", "write_s1k",
+    "parse_classifier", "quality", "require_traces", "select", "select_random", "write_s1k",
 ]

@@ -23,10 +23,16 @@ def no_progress(total: int, label: str) -> ContextManager[Callable[..., None]]:
 
 
 class NamedEngine:
-    """An engine with a name (for caches and reports), loaded on first use: cached runs load no model."""
+    """An engine with a name (for caches and reports), loaded on first use: cached runs load no model.
 
-    def __init__(self, name: str, engine: Engine | Callable[[], Engine]) -> None:
+    ``chunk`` requests go to the engine per call (and to the cache per flush): a few batches' worth keeps a
+    continuously batching engine full while a kill still loses little."""
+
+    def __init__(self, name: str, engine: Engine | Callable[[], Engine], chunk: int = 64) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.name = name
+        self.chunk = chunk
         self._engine = engine if hasattr(engine, "generate") else None
         self._load = None if self._engine is not None else engine
 
@@ -83,7 +89,6 @@ def run_cached(
     cache: ResultCache,
     progress: Progress = no_progress,
     label: str = "generating",
-    chunk: int = 64,
 ) -> dict[str, dict]:
     """Results for every uid: from the cache, else generated in chunks and stored as each chunk finishes.
 
@@ -91,8 +96,8 @@ def run_cached(
     todo = [i for i, u in enumerate(uids) if u not in cache]
     if todo:
         with progress(len(todo), f"{label} ({engine.name})") as advance:
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
+            for start in range(0, len(todo), engine.chunk):
+                part = todo[start : start + engine.chunk]
                 completions = engine.generate([requests[i] for i in part], on_progress=advance)
                 cache.add_many([{"uid": uids[i], **to_record(i, c)} for i, c in zip(part, completions)])
     return {u: cache[u] for u in uids}

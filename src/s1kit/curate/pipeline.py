@@ -21,10 +21,11 @@ from .generation import NamedEngine, Progress, no_progress
 from .pool import load_pool, write_s1k
 from .quality import quality
 from .report import write_report
-from .select import S1_DIRECT_PICKS, DirectPick, select
+from .select import S1_DIRECT_PICKS, DirectPick, select, select_random
 from .stage import StageReport
 
 DEFAULT_EVAL_SETS = ("math500", "gsm8k")
+SELECTIONS = ("s1", "random")
 
 
 @dataclass
@@ -61,10 +62,16 @@ def curate(
     direct: Sequence[DirectPick] = S1_DIRECT_PICKS,
     make_engine: Callable[[str], Engine | Callable[[], Engine]] | None = None,
     progress: Progress = no_progress,
+    selection: str = "s1",
+    per_pool: int | None = None,
 ) -> CurationResult:
-    """Run the whole pipeline and write ``out`` (s1K JSONL) plus the report beside it."""
+    """Run the whole pipeline and write ``out`` (s1K JSONL) plus the report beside it.
+
+    ``selection="random"`` replaces direct picks and Algorithm 1 by a uniform draw (s1's 1K-random)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else default_workdir(out)
     if isinstance(classifier, str):
@@ -77,7 +84,7 @@ def curate(
         stages.append(result[1])
         return result[0]
 
-    table = run(load_pool(pools))
+    table = run(load_pool(pools, per_pool, seed))
     table = run(quality(table))
     table = run(decontaminate(table, eval_sets, min_overlap=min_overlap))
     if teacher is not None:
@@ -86,14 +93,15 @@ def curate(
     table = run(difficulty(table, references, tokenizer=tokenizer, policy=reference_policy, fmt=fmt,
                            workdir=workdir, progress=progress))
     candidates = run(classify_domains(table, classifier, workdir, progress))
-    selected = run(select(candidates, size, seed, direct))
+    selected = run(select(candidates, size, seed, direct) if selection == "s1" else select_random(candidates, size, seed))
     write_s1k(selected, out)
     config = {
         "pools": [pools] if isinstance(pools, str) else list(pools), "out": str(out), "size": size, "seed": seed,
         "eval_sets": list(eval_sets), "min_overlap": min_overlap, "references": [e.name for e in references],
         "teacher": teacher.name if teacher else None, "classifier": classifier.name,
         "tokenizer": tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "?"),
-        "workdir": str(workdir), "solution_traces": solution_traces,
+        "workdir": str(workdir), "solution_traces": solution_traces, "selection": selection,
+        "per_pool": per_pool,
     }
     summary = write_report(out.parent, stages, selected, candidates, config)
     return CurationResult(selected, stages, summary, out)

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -187,8 +188,12 @@ def as_table(data: Any, source: str = "table") -> pa.Table:
     return rows_to_table(rows)
 
 
-def load_pool(refs: str | Sequence[str]) -> tuple[pa.Table, StageReport]:
-    """Read and normalise pools (files, HF ids, ``math-train``/``gsm8k-train``) into one working table."""
+def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int = 0) -> tuple[pa.Table, StageReport]:
+    """Read and normalise pools (files, HF ids, ``math-train``/``gsm8k-train``) into one working table.
+
+    ``per_pool`` keeps that many rows of each pool, drawn at random (seeded, independent of file order)."""
+    if per_pool is not None and (isinstance(per_pool, bool) or not isinstance(per_pool, int) or per_pool < 1):
+        raise ValueError(f"per_pool must be an integer >= 1, got {per_pool!r}")
     timer = Timer()
     refs = [refs] if isinstance(refs, str) else list(refs)
     if not refs:
@@ -196,7 +201,7 @@ def load_pool(refs: str | Sequence[str]) -> tuple[pa.Table, StageReport]:
     rows, report = [], StageReport("load", "collected: malformed rows dropped")
     for ref in refs:
         records, source = _records(ref)
-        seen = 0
+        seen, mine = 0, []
         for rec, reason in records:
             seen += 1
             row = None
@@ -205,9 +210,15 @@ def load_pool(refs: str | Sequence[str]) -> tuple[pa.Table, StageReport]:
             if row is None:
                 report.drop(reason, f"{ref} row {seen}")
             else:
-                rows.append(row)
+                mine.append(row)
         if seen == 0:
             raise S1KitError(f"pool {ref}: no records")
+        if per_pool is not None and len(mine) > per_pool:
+            mine.sort(key=lambda r: r["uid"])
+            why = f"not sampled ({per_pool} per pool)"
+            report.dropped[why] = report.dropped.get(why, 0) + len(mine) - per_pool
+            mine = random.Random(f"{seed}:{ref}").sample(mine, per_pool)
+        rows += mine
         report.info.setdefault("pools", {})[ref] = seen
     report.rows_in = sum(report.info["pools"].values())
     report.rows_out = len(rows)

@@ -84,7 +84,9 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {s['name']} | {s['description']} | {s['rows_in']:,} | {s['rows_out']:,} | {dropped:,} | "
                      f"{why} | {paper} | {s['seconds']:.2f} |")
     sel = next((s for s in summary["stages"] if s["name"] == "select"), None)
-    if sel:
+    if sel and "random" in sel["info"]:
+        lines += ["", f"Selection: {sel['info']['random']} rows uniformly at random (1K-random ablation)."]
+    elif sel:
         lines += ["", f"Selection: {sel['info']['direct_picks']} direct picks "
                       f"({', '.join(f'{k}: {v}' for k, v in sel['info']['direct_rules'].items()) or 'none'}), "
                       f"{sel['info']['diversity_sampled']} by diversity sampling."]

@@ -112,3 +112,21 @@ def select(
                    "diversity_sampled": len(chosen) - n_direct}
     report.seconds = timer()
     return table.take(pa.array(chosen, type=pa.int64())), report
+
+
+def select_random(table: pa.Table, size: int = 1000, seed: int = 0) -> tuple[pa.Table, StageReport]:
+    """``size`` rows uniformly at random (s1's 1K-random ablation), seeded and independent of row order."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    timer = Timer()
+    table = as_table(table)
+    report = StageReport("select", f"{size} rows uniformly at random")
+    uids = table.column("uid").to_pylist()
+    order = sorted(range(table.num_rows), key=lambda i: uids[i])  # input order never matters
+    chosen = random.Random(seed).sample(order, min(size, len(order)))
+    if table.num_rows > len(chosen):
+        report.dropped["not selected"] = table.num_rows - len(chosen)
+    report.rows_in, report.rows_out = table.num_rows, len(chosen)
+    report.info = {"size": size, "seed": seed, "random": len(chosen)}
+    report.seconds = timer()
+    return table.take(pa.array(chosen, type=pa.int64())), report

@@ -16,6 +16,7 @@ Same semantics as the plain loop in ``hf.py`` (the budget machine is ``TensorBud
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -236,8 +237,14 @@ class FastDecoder:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         # torch.compile fuses the many small kernels of an eager decode step (norms, RoPE, activations),
         # which dominate at decode batch sizes; the compiled step is then captured in the CUDA graph.
-        self.compile = self.device.type == "cuda" if compile is None else compile
-        self.forward = torch.compile(model, dynamic=False) if self.compile else model
+        # S1KIT_COMPILE=0 skips it: a sweep over many budgets meets many cache shapes, and each costs a compile,
+        # where the eager step in a CUDA graph is only ~10% slower per step.
+        if compile is None:
+            compile = self.device.type == "cuda" and os.environ.get("S1KIT_COMPILE", "1") != "0"
+        self.compile = compile
+        if compile:  # one compiled graph per workspace shape; the default limit (8) would fall back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         vocab = _model_dims(model)[3]
         # Without a tokenizer (benchmarks on token ids) no token counts as ending a line.
         self.nl_table = newline_table(tokenizer, vocab) if tokenizer is not None else torch.zeros(vocab, dtype=torch.bool)
@@ -278,13 +285,16 @@ class FastDecoder:
             return
         sample = any(r.temperature > 0 for r in rows)
         slots = min(self.slots, len(rows))
+        if self.use_graphs:  # power-of-two slot counts: fewer shapes to capture (and compile) across calls
+            slots = min(self.slots, 1 << (slots - 1).bit_length())
         queue = deque(sorted(rows, key=lambda r: -len(r.prompt_ids)))
         width = len(queue[0].prompt_ids)
         longest = max(r.max_new for r in rows)
         # Room for the first batch plus ``refill_room`` × the longest generation, in which finished slots take
         # new requests. Decode attends over every column, so the room costs bandwidth on every step. Rounded so that shapes, and so compiled graphs, repeat across calls.
         room = int(self.refill_room * longest)
-        length = -(-(width + longest + room + self.sync_every) // 64) * 64
+        grain = 512 if self.compile else 64  # coarser when every new length means a new compile
+        length = -(-(width + longest + room + self.sync_every) // grain) * grain
         ws = self._workspace(slots, length, sample)
         with self._attention():
             while queue:
