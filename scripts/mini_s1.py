@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Mini-s1 end to end: teacher traces and curation -> SFT -> budget-forcing sweeps -> results/mini-s1.
+
+    python scripts/mini_s1.py --teacher qwen2.5-coder-1.5b --student qwen2.5-coder-0.5b   # `make mini-s1-gpu`
+
+Stages run in order (``--stages`` picks some): ``curate`` (teacher traces over a pool sampled from MATH and GSM8K
+train, difficulty with the student as the reference model, Algorithm 1 -> the curated 1K, and a uniform 1K-random
+from the same traces), ``train`` (the s1 recipe on both), ``eval`` (MATH-500 and GSM8K: the base student, both
+fine-tunes, budget-forcing sweeps, Waits, token-conditional control and rejection sampling) and ``report``.
+Every stage resumes: curation and sweeps keep what they computed under ``--work`` and a finished checkpoint is
+not trained again, so a run that is cut off continues when the same command runs again.
+Models are anything ``s1kit`` loads: bundled names, .gguf files, checkpoint directories or HF ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+STAGES = ("curate", "train", "eval", "report")
+MODELS = ("base", "s1kit-mini", "1k-random")  # the student before training, after the curated 1K, after 1K-random
+BENCHMARKS = ("math500", "gsm8k")
+ORDER = [(m, b) for b in BENCHMARKS for m in ("s1kit-mini", "base", "1k-random")]  # sweeps, most important first
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line (the GPU job's output is read as it ends)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--teacher", default="qwen2.5-coder-1.5b", help="model that writes the traces")
+    p.add_argument("--student", default="qwen2.5-coder-0.5b", help="model that is fine-tuned (and the reference)")
+    p.add_argument("--work", type=Path, default=Path("runs/mini-s1"), help="caches, checkpoints and sweeps")
+    p.add_argument("--results", type=Path, default=Path("results/mini-s1"), help="summary.json, scaling.png, report.md")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    p.add_argument("--pool-sample", type=int, default=2000, help="questions drawn from each of MATH and GSM8K train")
+    p.add_argument("--size", type=int, default=1000, help="rows of the curated and the random set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-max-thinking", type=int, default=1024)
+    p.add_argument("--teacher-max-answer", type=int, default=512)
+    p.add_argument("--reference-max-thinking", type=int, default=512)
+    p.add_argument("--epochs", type=float, default=5.0, help="s1: 5")
+    p.add_argument("--lr", type=float, default=1e-5, help="s1: 1e-5")
+    p.add_argument("--train-batch", type=int, default=16, help="global batch (s1: 16)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=4096)
+    p.add_argument("--budgets", type=ints, default=[128, 256, 512, 1024], help="thinking caps of the sweeps")
+    p.add_argument("--unforced-cap", type=int, default=2048, help="safety cap of the runs without forcing")
+    p.add_argument("--waits", type=ints, default=[1, 2, 4], help="forced Waits (under the unforced cap)")
+    p.add_argument("--rejection-budgets", type=ints, default=[256, 512, 1024])
+    p.add_argument("--max-answer", type=int, default=256)
+    p.add_argument("--items", type=int, default=500, help="items per benchmark (MATH-500 has 500)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    return p.parse_args()
+
+
+class Run:
+    """Paths and shared state of one mini-s1 run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = args.work
+        self.curated = args.work / "curated" / "s1k.jsonl"
+        self.random = args.work / "random" / "s1k.jsonl"
+        self.timings: dict[str, float] = {}
+        self._student = None
+
+    def engine(self, ref: str):
+        """An hf engine for ``ref`` with the run's batch size, device and dtype."""
+        from s1kit.api import make_engine
+
+        return make_engine(ref, device=self.args.device, dtype=self.args.dtype, batch_size=self.args.batch_size)
+
+    def student_engine(self):
+        """The base student, loaded once (reference model in curation and base row of the sweeps)."""
+        if self._student is None:
+            self._student = self.engine(self.args.student)
+        return self._student
+
+    def checkpoint(self, name: str) -> Path:
+        return self.work / "ckpt" / name
+
+    def model_ref(self, name: str) -> str:
+        return self.args.student if name == "base" else str(self.checkpoint(name))
+
+    def timed(self, name: str, fn, *a, **kw):
+        start = time.time()
+        out = fn(*a, **kw)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - start, 1)
+        log(f"{name}: {self.timings[name]:.1f} s")
+        return out
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_curate(run: Run) -> None:
+    """Teacher traces over the sampled pool, then the curated 1K and the 1K-random from the same traces."""
+    from s1kit.budget import BudgetPolicy
+    from s1kit.curate import NamedEngine, curate
+
+    a = run.args
+    chunk = 4 * a.batch_size
+    teacher = NamedEngine(a.teacher, lambda: run.engine(a.teacher), chunk)
+    student = NamedEngine(a.student, run.student_engine, chunk)
+    common = dict(size=a.size, seed=a.seed, eval_sets=BENCHMARKS, teacher=teacher, per_pool=a.pool_sample,
+                  classifier="field:type,source_type",  # MATH's subjects, and GSM8K as one more domain
+                  tokenizer=a.student, workdir=run.work / "curate.work",
+                  teacher_policy=BudgetPolicy(max_thinking_tokens=a.teacher_max_thinking,
+                                              max_answer_tokens=a.teacher_max_answer),
+                  reference_policy=BudgetPolicy(max_thinking_tokens=a.reference_max_thinking, max_answer_tokens=256))
+    pools = ["math-train", "gsm8k-train"]
+    result = run.timed("curate (s1)", curate, pools, run.curated, references=[student], **common)
+    for s in result.stages:
+        log(f"  {s.name}: {s.rows_in} -> {s.rows_out} {dict(s.dropped) or ''}")
+    run.timed("curate (random)", curate, pools, run.random, selection="random", **common)
+    del teacher, common  # frees the teacher's weights and caches before the next stage
+    _free_gpu()
+
+
+def stage_train(run: Run) -> None:
+    """The s1 recipe on the curated 1K and on the 1K-random (a finished checkpoint is kept)."""
+    from s1kit.train import Recipe, train
+    from s1kit.train.recipe import SUMMARY_FILE
+
+    a = run.args
+    recipe = Recipe(epochs=a.epochs, learning_rate=a.lr, batch_size=a.train_batch, micro_batch_size=a.micro_batch,
+                    block_size=a.block_size, truncate=True, gradient_checkpointing=False, seed=a.seed)
+    for name, data in (("s1kit-mini", run.curated), ("1k-random", run.random)):
+        out = run.checkpoint(name)
+        if (out / SUMMARY_FILE).is_file():
+            log(f"train {name}: done before")
+            continue
+        summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True,
+                            on_log=lambda d: d["step"] % 20 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
+                                                                          f"loss {d['loss']:.4f}"))
+        log(f"train {name}: {summary['steps']} steps, loss {summary['train_loss']:.4f}")
+        _free_gpu()
+
+
+def grids(run: Run) -> dict[tuple[str, str], list]:
+    """The settings of every (model, benchmark) sweep."""
+    from s1kit.evaluate.sweep import build_grid
+
+    a = run.args
+    kw = dict(max_answer=a.max_answer)
+    unforced = build_grid(max_thinking=[a.unforced_cap], **kw)
+    sweep = build_grid(max_thinking=[*a.budgets, a.unforced_cap], **kw) + \
+        build_grid(max_thinking=[a.unforced_cap], waits=[w for w in a.waits if w], **kw)
+    out = {}
+    for bench in BENCHMARKS:
+        out[("base", bench)] = unforced
+        out[("1k-random", bench)] = unforced
+        out[("s1kit-mini", bench)] = sweep
+    out[("s1kit-mini", "math500")] = sweep + build_grid(
+        methods=("token-conditional", "rejection"), max_thinking=a.budgets, **kw)
+    rej = {f"accept<={n}" for n in a.rejection_budgets}
+    out[("s1kit-mini", "math500")] = [s for s in out[("s1kit-mini", "math500")]
+                                      if s.method != "rejection" or s.label in rej]
+    return out
+
+
+def sweep_dir(run: Run, model: str, bench: str) -> Path:
+    return run.work / "eval" / f"{model}-{bench}"
+
+
+def stage_eval(run: Run) -> None:
+    """Every sweep, one engine per model; graded samples are stored as they come (resumable)."""
+    from s1kit.data.benchmarks import load_benchmark
+    from s1kit.evaluate.report import write_report
+    from s1kit.evaluate.sweep import SweepConfig, open_run, run_sweep
+
+    a = run.args
+    plan = grids(run)
+    engines: dict = {}
+    for model, bench in ORDER:  # the main result first: a run cut short still has it
+        b = load_benchmark(bench, a.items)
+        out = sweep_dir(run, model, bench)
+        settings = plan[(model, bench)]
+        open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), settings)
+        if model not in engines:
+            for other in [m for m in engines if m != "base"]:  # one fine-tune in memory at a time
+                del engines[other]
+            _free_gpu()
+            engines[model] = run.student_engine() if model == "base" else run.engine(run.model_ref(model))
+        done = {"n": 0}
+
+        def on_sample(rec: dict, done=done, total=len(settings) * len(b.items), tag=f"{model} {bench}") -> None:
+            done["n"] += 1
+            if done["n"] % 500 == 0:
+                log(f"  {tag}: {done['n']}/{total} new samples")
+
+        run.timed(f"eval {model} {bench}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
+                  on_sample=on_sample)
+        summary = write_report(out, settings, {"model": model, "benchmark": b.name, "items": len(b.items)})
+        log(f"  {model} {bench}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]))
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    args = parse_args()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    run = Run(args)
+    args.work.mkdir(parents=True, exist_ok=True)
+    timings_file = args.work / "timings.json"
+    if timings_file.is_file():
+        run.timings = json.loads(timings_file.read_text())
+    for stage in STAGES:
+        if stage in stages:
+            log(f"stage {stage}")
+            if stage == "report":
+                from mini_s1_report import write_results
+
+                write_results(run, grids(run), sweep_dir, platform.node())
+            else:
+                globals()[f"stage_{stage}"](run)
+            timings_file.write_text(json.dumps(run.timings, indent=2))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
