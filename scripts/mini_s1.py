@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--teacher", default="qwen2.5-coder-1.5b", help="model that writes the traces")
     p.add_argument("--student", default="qwen2.5-coder-0.5b", help="model that is fine-tuned (and the reference)")
+    p.add_argument("--names", default=None, help="how the report names them: TEACHER,STUDENT [default: the refs]")
     p.add_argument("--work", type=Path, default=Path("runs/mini-s1"), help="caches, checkpoints and sweeps")
     p.add_argument("--results", type=Path, default=Path("results/mini-s1"), help="summary.json, scaling.png, report.md")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")

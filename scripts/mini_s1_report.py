@@ -52,9 +52,10 @@ def write_results(run, plan: dict, sweep_dir, host: str) -> dict:
             recs = list(SampleStore(store).records.values())
             results.setdefault(bench, {})[model] = build_summary(recs, settings)
     mini = results.get("math500", {}).get("s1kit-mini", {})
+    teacher, student = a.names.split(",") if a.names else (a.teacher, a.student)
     summary = {
         "title": "mini-s1: s1's recipe at 0.5B scale", "date": time.strftime("%Y-%m-%d"), "device": _device(),
-        "host": host, "teacher": a.teacher, "student": a.student,
+        "host": host, "teacher": teacher, "student": student,
         "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "timings_s": run.timings,
         "curation": {"curated": _curation(run.curated.with_name("curation_report.json")),

@@ -72,7 +72,7 @@ BUNDLED: dict[str, BundledModel] = {
             _Q15_PKGS,
             _Q15_FILES,
             1_117_320_768,
-            "03b39835e1250b486aa074a8a274229c672e34b9f9044bf3d02b1a8e1239c670",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
     )
 }
