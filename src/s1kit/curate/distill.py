@@ -43,18 +43,38 @@ def distill(
                       "hit_cap": c.hit_cap},
         cache, progress, "distilling",
     )
-    filled = 0
+    filled = derived = 0
+    reasons: list[str | None] = [None] * table.num_rows
     for i in todo:
         rec = results[uids[i]]
-        if rec["thinking"]:
-            traces[i], attempts[i] = [rec["thinking"]], rec["attempt"]
+        attempt = rec["attempt"].strip()
+        if not attempt and not rec["hit_cap"]:
+            # A teacher not trained on the format ends its whole response inside the thinking and then stops:
+            # its closing paragraph is the answer (s1K's traces also end with it).
+            attempt = final_paragraph(rec["thinking"])
+            derived += bool(attempt)
+        if not rec["thinking"]:
+            reasons[i] = "teacher gave no thinking"
+        elif not attempt:
+            reasons[i] = "teacher gave no answer"
+        else:
+            traces[i], attempts[i] = [rec["thinking"]], attempt
             filled += 1
     table = set_column(set_column(table, "thinking_trajectories", traces), "attempt", attempts)
-    report.rows_in = report.rows_out = table.num_rows
-    report.info = {"needed_trace": len(todo), "filled": filled, "from_cache": cached_before,
+    table = keep_rows(table, reasons, report)
+    report.info = {"needed_trace": len(todo), "filled": filled, "answer_from_thinking": derived,
+                   "from_cache": cached_before,
                    "hit_cap": sum(results[uids[i]]["hit_cap"] for i in todo)}
     report.seconds = timer()
     return table, report
+
+
+def final_paragraph(text: str) -> str:
+    """The last paragraph (block after a blank line) of ``text``, or its last line if it has one block."""
+    blocks = [b.strip() for b in text.strip().split("\n\n") if b.strip()]
+    if len(blocks) == 1:
+        blocks = [line.strip() for line in blocks[0].splitlines() if line.strip()]
+    return blocks[-1] if blocks else ""
 
 
 def require_traces(table: pa.Table, solution_fallback: bool = True) -> tuple[pa.Table, StageReport]:
