@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=5.0, help="s1: 5")
     p.add_argument("--lr", type=float, default=1e-5, help="s1: 1e-5")
     p.add_argument("--train-batch", type=int, default=16, help="global batch (s1: 16)")
-    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=1, help="the first H100 run diverged (NaN) with 4")
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--budgets", type=ints, default=[128, 256, 512, 1024], help="thinking caps of the sweeps")
     p.add_argument("--unforced-cap", type=int, default=2048, help="safety cap of the runs without forcing")
@@ -134,7 +134,7 @@ def stage_train(run: Run) -> None:
 
     a = run.args
     recipe = Recipe(epochs=a.epochs, learning_rate=a.lr, batch_size=a.train_batch, micro_batch_size=a.micro_batch,
-                    block_size=a.block_size, truncate=True, gradient_checkpointing=False, seed=a.seed)
+                    block_size=a.block_size, truncate=True, seed=a.seed)
     for name, data in (("s1kit-mini", run.curated), ("1k-random", run.random)):
         out = run.checkpoint(name)
         if (out / SUMMARY_FILE).is_file():

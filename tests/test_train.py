@@ -279,3 +279,16 @@ def test_lora_saves_merged_weights(engine, rows, tmp_path):
     base = dict(engine.model.named_parameters())
     changed = {n for n, p in merged.named_parameters() if not torch.equal(p, base[n])}
     assert changed and all("proj" in n for n in changed)  # adapters sat on the linear layers only
+
+
+def test_divergence_stops_training_before_anything_is_saved(rows, tmp_path):
+    # A learning rate far too high makes the real model's loss non-finite within a few steps (as a bf16 run of the
+    # 0.5B student did on an H100); training must stop with a clear error and leave no checkpoint behind.
+    from s1kit.train import train
+
+    data = write_jsonl(tmp_path / "two.jsonl", rows[:2])
+    with pytest.raises(S1KitError, match=r"training diverged at step \d+ \((loss|grad_norm) (nan|inf)"):
+        train("smollm2-135m", str(data), tmp_path / "out",
+              Recipe(max_steps=6, batch_size=2, micro_batch_size=2, block_size=512, gradient_checkpointing=False,
+                     learning_rate=1e8))
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / SUMMARY_FILE).exists()

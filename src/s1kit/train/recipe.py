@@ -9,6 +9,7 @@ shard, gradient checkpointing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -114,6 +115,7 @@ def sft_config(recipe: Recipe, out: str | Path, processes: int | None = None) ->
         max_length=None,  # lengths are checked (and cut only when asked) in build_training_set
         packing=False,
         logging_steps=recipe.logging_steps,
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN (the filter logs 0.0 instead), so the guard sees it
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -145,6 +147,25 @@ def _progress_callback(report: Callable[[dict], None]) -> Any:
     return LossReporter()
 
 
+def _divergence_guard() -> Any:
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        """Stops training at the first non-finite loss or gradient norm: a model of NaNs must never be saved."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            bad = {k: logs[k] for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+            if bad:
+                raise S1KitError(
+                    f"training diverged at step {state.global_step} ("
+                    + ", ".join(f"{k} {v}" for k, v in bad.items())
+                    + "); nothing was saved. Try a lower --lr, a smaller --micro-batch-size or "
+                      "--gradient-checkpointing")
+
+    return DivergenceGuard()
+
+
 def build_trainer(model: Any, tokenizer: Any, dataset: Any, recipe: Recipe, out: str | Path,
                   on_log: Callable[[dict], None] | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """An ``SFTTrainer`` on a tokenized dataset (``input_ids`` + ``labels``, used as given)."""
@@ -153,7 +174,7 @@ def build_trainer(model: Any, tokenizer: Any, dataset: Any, recipe: Recipe, out:
 
     if recipe.lora and fsdp_active():
         raise ValueError("--lora is for a single GPU; multi-GPU FSDP runs train all weights")
-    cbs = list(callbacks) + ([_progress_callback(on_log)] if on_log else [])
+    cbs = [_divergence_guard(), *callbacks] + ([_progress_callback(on_log)] if on_log else [])
     trainer = SFTTrainer(model=model, args=sft_config(recipe, out), train_dataset=dataset,
                          processing_class=tokenizer, peft_config=lora_config(recipe) if recipe.lora else None,
                          callbacks=cbs)
