@@ -114,8 +114,7 @@ def bench_fast(model: Any, batch: int, prompt_len: int, new_tokens: int, forcing
     vocab = _model_dims(model)[3]
     dec = _DECODERS.get(id(model))
     if dec is None:  # one decoder per model: its compiled forward is reused across batch sizes
-        # Every row decodes the same length here, so no slot frees early: no room for refills is needed.
-        dec = _DECODERS[id(model)] = FastDecoder(model, None, pad_id=0, seed=seed, refill_room=0.0)
+        dec = _DECODERS[id(model)] = FastDecoder(model, None, pad_id=0, seed=seed)
     dec.slots = batch
     dec.forcing = forcing
     tokens = synthetic_tokens(vocab)

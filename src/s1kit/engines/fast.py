@@ -3,10 +3,11 @@
 Same semantics as the plain loop in ``hf.py`` (the budget machine is ``TensorBudget``, proven equal to
 ``BudgetState``), built for speed on a GPU:
 
-- ``SlotCache`` holds K/V for ``slots`` rows over ``length`` columns and one shared write column; each row
-  has its own attention mask and positions, so a finished row's slot can take a new request at any time:
-  its prompt is prefilled apart and copied into the columns just before the write column (RoPE is applied
-  before caching, so only relative positions matter).
+- ``SlotCache`` holds K/V for ``slots`` rows over ``length`` columns; each slot writes at its own column and
+  has its own attention mask and positions, so a finished row's slot takes the next request at once: its
+  prompt is prefilled apart and copied into the slot's first columns, and it decodes from there. ``length``
+  only has to hold the longest prompt plus the longest generation, and the batch stays full until the queue
+  runs dry.
 - A decode step (model forward, proposals, forcing, recording) has fixed shapes and no host sync, so on CUDA
   it is captured once per (slots, length) and replayed; the host looks at the rows only every ``sync_every``
   steps, to collect finished rows and refill their slots from the queue.
@@ -58,7 +59,7 @@ def _register_attention() -> None:
 
 
 class SlotCache:
-    """Per-layer K/V of shape [slots, kv_heads, length, head_dim], written at a shared column.
+    """Per-layer K/V of shape [slots, kv_heads, length, head_dim]; slot ``i`` writes at column ``col[i]``.
 
     It offers the one method attention layers call (``update``); positions and masks are always passed
     explicitly, so the model never asks it for lengths.
@@ -71,15 +72,19 @@ class SlotCache:
         shape = (slots, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.col = torch.zeros((), dtype=torch.long, device=device)
-        self._arange = torch.arange(length, device=device)
+        self.col = torch.zeros(slots, dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
         self.length = length
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """Write ``key``/``value`` at the current column(s) and return the whole layer."""
-        idx = self._arange[: key.shape[-2]] + self.col
-        self.keys[layer_idx].index_copy_(2, idx, key)
-        self.values[layer_idx].index_copy_(2, idx, value)
+        """Write ``key``/``value`` and return the whole layer: a decode step writes one column per slot, at the
+        slot's own; a prefill (into a fresh cache as long as the prompts) writes every column."""
+        if key.shape[-2] == 1:
+            self.keys[layer_idx][self.rows, :, self.col] = key[:, :, 0]
+            self.values[layer_idx][self.rows, :, self.col] = value[:, :, 0]
+        else:
+            self.keys[layer_idx].copy_(key)
+            self.values[layer_idx].copy_(value)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -169,10 +174,10 @@ class _Workspace:
         else:  # plain decoding: every slot emits its proposal, as thinking, until the host stops it
             emitted = self._propose()
             kind = torch.where(self.tb.phase != P_DONE, THINK, NONE)
-        col = self.kv.col.view(1)
-        self.rec_tok.index_copy_(1, col, emitted.unsqueeze(1))
-        self.rec_kind.index_copy_(1, col, kind.unsqueeze(1))
-        self.mask.index_copy_(3, col, torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype).view(-1, 1, 1, 1))
+        rows, col = self.kv.rows, self.kv.col
+        self.rec_tok[rows, col] = emitted
+        self.rec_kind[rows, col] = kind
+        self.mask[rows, 0, 0, col] = torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype)
         return emitted
 
     def step(self) -> None:
@@ -182,7 +187,7 @@ class _Workspace:
                                attention_mask=self.mask, past_key_values=self.kv, use_cache=True)
         self.logits.copy_(out.logits[:, -1].float())
         self.pos.add_(1)
-        self.kv.col.add_(1)
+        self.kv.col.add_(1).clamp_(max=self.length - 1)  # only idle slots reach the end; they record nothing
 
     def capture(self) -> None:
         """Record ``step`` as a CUDA graph (after warm-up runs on a side stream, with every slot idle)."""
@@ -228,12 +233,11 @@ class FastDecoder:
     """Decodes ``FastRow``s with budget forcing through static slots (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, pad_id: int, slots: int = 32, sync_every: int = 16,
-                 use_graphs: bool | None = None, compile: bool | None = None, seed: int | None = None,
-                 refill_room: float = 0.5) -> None:
+                 use_graphs: bool | None = None, compile: bool | None = None, seed: int | None = None) -> None:
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
         self.device = model.device
         self.dtype = next(model.parameters()).dtype
-        self.slots, self.sync_every, self.refill_room = slots, sync_every, refill_room
+        self.slots, self.sync_every = slots, sync_every
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         # torch.compile fuses the many small kernels of an eager decode step (norms, RoPE, activations),
         # which dominate at decode batch sizes; the compiled step is then captured in the CUDA graph.
@@ -288,63 +292,51 @@ class FastDecoder:
         if self.use_graphs:  # power-of-two slot counts: fewer shapes to capture (and compile) across calls
             slots = min(self.slots, 1 << (slots - 1).bit_length())
         queue = deque(sorted(rows, key=lambda r: -len(r.prompt_ids)))
-        width = len(queue[0].prompt_ids)
-        longest = max(r.max_new for r in rows)
-        # Room for the first batch plus ``refill_room`` × the longest generation, in which finished slots take
-        # new requests. Decode attends over every column, so the room costs bandwidth on every step. Rounded so that shapes, and so compiled graphs, repeat across calls.
-        room = int(self.refill_room * longest)
+        # Any row fits in any slot: the longest prompt, the longest generation, and the steps a finished row
+        # runs on until the next sync. Decode attends over every column, so length costs bandwidth each step;
+        # rounded so that shapes, and so captured (compiled) graphs, repeat across calls.
+        need = len(queue[0].prompt_ids) + max(r.max_new for r in rows) + self.sync_every
         grain = 512 if self.compile else 64  # coarser when every new length means a new compile
-        length = -(-(width + longest + room + self.sync_every) // grain) * grain
-        ws = self._workspace(slots, length, sample)
+        ws = self._workspace(slots, -(-need // grain) * grain, sample)
         with self._attention():
-            while queue:
-                self._epoch(ws, queue, on_progress)
+            self._decode(ws, queue, on_progress)
 
-    def _epoch(self, ws: _Workspace, queue: deque, on_progress: Callable[[int], None] | None) -> None:
-        first = [queue.popleft() for _ in range(min(ws.slots, len(queue)))]
-        width = max(len(r.prompt_ids) for r in first)
+    def _decode(self, ws: _Workspace, queue: deque, on_progress: Callable[[int], None] | None) -> None:
         ws.mask.fill_(ws.neg)
         ws.rec_kind.fill_(NONE)
         for s in range(ws.slots):
             ws.tb.free(s)
-        ws.kv.col.fill_(0)
-        with _Timer(self.device) as t:
-            self._prefill(ws, list(range(len(first))), first, width)
-        self.stats["prefill_s"] += t.elapsed
-        ws.kv.col.fill_(width)
-        owner: dict[int, tuple[FastRow, int]] = {s: (r, width) for s, r in enumerate(first)}
-        col = width
+        owner: dict[int, tuple[FastRow, int]] = {}  # slot -> (row, column where its generation starts)
         timer = _Timer(self.device)
-        while owner:
+        while True:
+            free = [s for s in range(ws.slots) if s not in owner]
+            take = [(free[i], queue.popleft()) for i in range(min(len(free), len(queue)))]
+            if take:  # refill every free slot at once: one prefill for all of them
+                width = max(len(r.prompt_ids) for _, r in take)
+                with _Timer(self.device) as t:
+                    self._prefill(ws, [s for s, _ in take], [r for _, r in take], width)
+                self.stats["prefill_s"] += t.elapsed
+                owner.update((s, (r, width)) for s, r in take)
+            if not owner:
+                return
             with timer:
                 for _ in range(self.sync_every):
                     ws.run_step()
-                phase = ws.tb.phase.tolist()  # the only host sync: once every sync_every steps
+                phase, cols = torch.stack([ws.tb.phase, ws.kv.col]).tolist()  # the only host sync
             self.stats["steps"] += self.sync_every
             self.stats["decode_s"] += timer.elapsed
-            col += self.sync_every
             if not self.forcing:  # plain decoding ends each row at its budget
-                phase = [P_DONE if s in owner and col - owner[s][1] >= owner[s][0].max_new else ph
+                phase = [P_DONE if s in owner and cols[s] - owner[s][1] >= owner[s][0].max_new else ph
                          for s, ph in enumerate(phase)]
             finished = [s for s in owner if phase[s] == P_DONE]
             for s in finished:
                 row, start = owner.pop(s)
-                self._collect(ws, s, row, start, col)
+                self._collect(ws, s, row, start, cols[s])
             if on_progress and finished:
                 on_progress(len(finished))
-            # Refill free slots with requests that fit before the end of the cache.
-            free = [s for s in range(ws.slots) if s not in owner]
-            take: list[tuple[int, FastRow]] = []
-            while free and queue and len(queue[0].prompt_ids) <= col and col + queue[0].max_new + self.sync_every <= ws.length:
-                take.append((free.pop(0), queue.popleft()))
-            if take:
-                p = max(len(r.prompt_ids) for _, r in take)
-                self._prefill(ws, [s for s, _ in take], [r for _, r in take], p, at=col)
-                for s, r in take:
-                    owner[s] = (r, col)
 
-    def _prefill(self, ws: _Workspace, slots: list[int], rows: list[FastRow], width: int, at: int = 0) -> None:
-        """Run the prompts of ``rows`` and place their K/V in ``slots`` at columns [at - width, at)."""
+    def _prefill(self, ws: _Workspace, slots: list[int], rows: list[FastRow], width: int) -> None:
+        """Run the prompts of ``rows`` (left-padded to ``width``) into columns [0, width) of ``slots``."""
         dev = self.device
         n = len(rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -362,15 +354,15 @@ class FastDecoder:
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=tmp, use_cache=True,
                          logits_to_keep=1)
         idx = torch.tensor(slots, device=dev)
-        lo = at - width if at else 0
         for layer in range(layers):
-            ws.kv.keys[layer][idx, :, lo:lo + width] = tmp.keys[layer]
-            ws.kv.values[layer][idx, :, lo:lo + width] = tmp.values[layer]
+            ws.kv.keys[layer][idx, :, :width] = tmp.keys[layer]
+            ws.kv.values[layer][idx, :, :width] = tmp.values[layer]
         row_mask = torch.full((n, ws.length), ws.neg, dtype=self.dtype, device=dev)
-        row_mask[:, lo:lo + width] = torch.where(valid, 0.0, ws.neg).to(self.dtype)
+        row_mask[:, :width] = torch.where(valid, 0.0, ws.neg).to(self.dtype)
         ws.mask[idx] = row_mask.view(n, 1, 1, -1)
         ws.logits[idx] = out.logits[:, -1].float()
         ws.pos[idx] = valid.long().sum(-1)
+        ws.kv.col[idx] = width
         ws.rec_kind[idx] = NONE
         for s, r in zip(slots, rows):
             ws.tb.load(s, r.policy, r.tokens, r.cap)
