@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from ..budget import BudgetPolicy
 from ..engines.base import Engine
+from ..errors import require_int
 from ..formats import ThinkingFormat
 from .decontaminate import MIN_OVERLAP, decontaminate, load_eval_sets
 from .difficulty import DEFAULT_TOKENIZER, REFERENCE_POLICY, difficulty
@@ -68,8 +69,7 @@ def curate(
     """Run the whole pipeline and write ``out`` (s1K JSONL) plus the report beside it.
 
     ``selection="random"`` replaces direct picks and Algorithm 1 by a uniform draw (s1's 1K-random)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    require_int("size", size)
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     out = Path(out)

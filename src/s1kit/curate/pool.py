@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..data.benchmarks import _package_file, gsm8k_gold, last_boxed
 from ..data.files import iter_records
-from ..errors import S1KitError
+from ..errors import S1KitError, require_int
 from .stage import StageReport, Timer
 
 S1K_COLUMNS = ("question", "solution", "cot_type", "source_type", "metadata", "thinking_trajectories", "attempt")
@@ -192,8 +192,8 @@ def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int 
     """Read and normalise pools (files, HF ids, ``math-train``/``gsm8k-train``) into one working table.
 
     ``per_pool`` keeps that many rows of each pool, drawn at random (seeded, independent of file order)."""
-    if per_pool is not None and (isinstance(per_pool, bool) or not isinstance(per_pool, int) or per_pool < 1):
-        raise ValueError(f"per_pool must be an integer >= 1, got {per_pool!r}")
+    if per_pool is not None:
+        require_int("per_pool", per_pool)
     timer = Timer()
     refs = [refs] if isinstance(refs, str) else list(refs)
     if not refs:

@@ -17,6 +17,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from ..data.grading import grade
+from ..errors import require_int
 from .difficulty import prediction
 from .pool import as_table
 from .stage import StageReport, Timer
@@ -80,8 +81,7 @@ def select(
     table: pa.Table, size: int = 1000, seed: int = 0, direct: Sequence[DirectPick] = S1_DIRECT_PICKS
 ) -> tuple[pa.Table, StageReport]:
     """``size`` rows: the direct picks (longest first if they alone exceed ``size``), then Algorithm 1."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    require_int("size", size)
     timer = Timer()
     table = as_table(table)
     report = StageReport("select", f"direct picks, then diversity sampling to {size}")
@@ -116,8 +116,7 @@ def select(
 
 def select_random(table: pa.Table, size: int = 1000, seed: int = 0) -> tuple[pa.Table, StageReport]:
     """``size`` rows uniformly at random (s1's 1K-random ablation), seeded and independent of row order."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    require_int("size", size)
     timer = Timer()
     table = as_table(table)
     report = StageReport("select", f"{size} rows uniformly at random")

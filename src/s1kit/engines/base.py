@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from ..budget import BudgetPolicy, ForcingTokens
-from ..errors import S1KitError
+from ..errors import S1KitError, require_int
 from ..formats import S1, Messages, ThinkingFormat, format_tokens, get_format
 
 
@@ -26,10 +26,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        require_int("top_k", self.top_k, 0)
+        require_int("n", self.n)
 
     @property
     def greedy(self) -> bool:

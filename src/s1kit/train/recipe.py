@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import S1KitError
+from ..errors import S1KitError, require_int
 from .data import build_training_set, load_examples
 
 SUMMARY_FILE = "s1kit-train.json"
@@ -50,9 +50,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "block_size", "lora_rank", "logging_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            require_int(name.replace("_", "-"), getattr(self, name))
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
