@@ -161,11 +161,8 @@ def grids(run: Run) -> dict[tuple[str, str], list]:
         out[("base", bench)] = unforced
         out[("1k-random", bench)] = unforced
         out[("s1kit-mini", bench)] = sweep
-    out[("s1kit-mini", "math500")] = sweep + build_grid(
-        methods=("token-conditional", "rejection"), max_thinking=a.budgets, **kw)
-    rej = {f"accept<={n}" for n in a.rejection_budgets}
-    out[("s1kit-mini", "math500")] = [s for s in out[("s1kit-mini", "math500")]
-                                      if s.method != "rejection" or s.label in rej]
+    out[("s1kit-mini", "math500")] = sweep + build_grid(methods=("token-conditional",), max_thinking=a.budgets, **kw) \
+        + build_grid(methods=("rejection",), max_thinking=a.rejection_budgets, **kw)
     return out
 
 
