@@ -7,8 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from s1kit.evaluate.report import _fmt, build_summary
+from s1kit.evaluate.report import _fmt, build_summary, methods_table
 from s1kit.evaluate.sweep import SampleStore
+from s1kit.plots import saved_figure
 
 NAMES = {"base": "student (no fine-tuning)", "s1kit-mini": "s1kit-mini (curated 1K)", "1k-random": "1K-random"}
 BENCH_NAMES = {"math500": "MATH-500", "gsm8k": "GSM8K"}
@@ -80,40 +81,32 @@ def _rows(summary: dict, bench: str, model: str) -> list[dict]:
 
 def plot(summary: dict, path: Path) -> None:
     """Accuracy against mean thinking tokens: s1kit-mini's methods per benchmark, baselines as single points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     benches = [b for b in BENCH_NAMES if b in summary["results"]]
-    fig, axes = plt.subplots(1, max(len(benches), 1), figsize=(6.0 * max(len(benches), 1), 4.4), dpi=120,
-                             squeeze=False)
-    for ax, bench in zip(axes[0], benches):
-        rows = _rows(summary, bench, "s1kit-mini")
-        series = {
-            "budget forcing (caps)": [r for r in rows if r["method"] == "budget" and "waits" not in r["label"]],
-            "budget forcing (Waits)": [r for r in rows if r["method"] == "budget" and
-                                       ("waits" in r["label"] or r["hi"] == summary["setup"]["unforced_cap"])],
-            "token-conditional": [r for r in rows if r["method"] == "token-conditional"],
-            "rejection sampling": [r for r in rows if r["method"] == "rejection"],
-        }
-        for label, pts in series.items():
-            pts = sorted(pts, key=lambda r: r["mean_thinking_tokens"])
-            if pts:
-                ax.plot([r["mean_thinking_tokens"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o",
-                        label=label, linestyle="--" if "Waits" in label else "-")
-        for model, marker in (("base", "s"), ("1k-random", "^")):
-            for r in _rows(summary, bench, model):
-                ax.scatter([r["mean_thinking_tokens"]], [100 * r["accuracy"]], marker=marker, s=60, zorder=3,
-                           label=NAMES[model] + " (no forcing)")
-        ax.set_title(f"{BENCH_NAMES[bench]} · student {summary['student']}")
-        ax.set_xlabel("average thinking tokens")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    n = max(len(benches), 1)
+    with saved_figure(path, ncols=n, figsize=(6.0 * n, 4.4), dpi=120, squeeze=False) as axes:
+        for ax, bench in zip(axes[0], benches):
+            rows = _rows(summary, bench, "s1kit-mini")
+            series = {
+                "budget forcing (caps)": [r for r in rows if r["method"] == "budget" and "waits" not in r["label"]],
+                "budget forcing (Waits)": [r for r in rows if r["method"] == "budget" and
+                                           ("waits" in r["label"] or r["hi"] == summary["setup"]["unforced_cap"])],
+                "token-conditional": [r for r in rows if r["method"] == "token-conditional"],
+                "rejection sampling": [r for r in rows if r["method"] == "rejection"],
+            }
+            for label, pts in series.items():
+                pts = sorted(pts, key=lambda r: r["mean_thinking_tokens"])
+                if pts:
+                    ax.plot([r["mean_thinking_tokens"] for r in pts], [100 * r["accuracy"] for r in pts],
+                            marker="o", label=label, linestyle="--" if "Waits" in label else "-")
+            for model, marker in (("base", "s"), ("1k-random", "^")):
+                for r in _rows(summary, bench, model):
+                    ax.scatter([r["mean_thinking_tokens"]], [100 * r["accuracy"]], marker=marker, s=60, zorder=3,
+                               label=NAMES[model] + " (no forcing)")
+            ax.set_title(f"{BENCH_NAMES[bench]} · student {summary['student']}")
+            ax.set_xlabel("average thinking tokens")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def markdown(summary: dict) -> str:
@@ -144,10 +137,7 @@ def markdown(summary: dict) -> str:
                          f" | {_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | "
                          f"{_fmt(r['control'], True, 0)} |")
     lines += ["", "## Control / Scaling / Performance on MATH-500 (Table 3 style)", "",
-              "| method | Control % | Scaling | Performance % | settings |", "|---|---|---|---|---|"]
-    for m, v in summary["methods"].items():
-        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
-        lines.append(f"| {m} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | {v['settings']} |")
+              *methods_table(summary["methods"])]
     lines += ["", f"Scaling: mean slope over pairs of settings, in {summary.get('scaling_unit')}; "
                   "budget forcing's row spans the caps and the Waits.", ""]
     cur = summary["curation"]

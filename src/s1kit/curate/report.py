@@ -11,6 +11,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
+from ..plots import saved_figure
 from .stage import StageReport
 
 # Rows left after each kind of stage in the s1 paper (§2), for comparison.
@@ -27,46 +28,30 @@ def length_stats(lengths: Sequence[int]) -> dict:
 
 
 def _plot_domains(selected: Counter, candidates: Counter, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [d for d, _ in candidates.most_common()][:40]
-    fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(names) + 1.6), dpi=110)
-    y = range(len(names))
-    total_c, total_s = sum(candidates.values()) or 1, sum(selected.values()) or 1
-    ax.barh([i + 0.2 for i in y], [100 * candidates[n] / total_c for n in names], 0.4, label="candidates")
-    ax.barh([i - 0.2 for i in y], [100 * selected[n] / total_s for n in names], 0.4, label="selected")
-    ax.set_yticks(list(y), [n[:48] for n in names], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of rows (%)")
-    ax.set_title("domains")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with saved_figure(path, figsize=(7.5, 0.28 * len(names) + 1.6), dpi=110) as ax:
+        y = range(len(names))
+        total_c, total_s = sum(candidates.values()) or 1, sum(selected.values()) or 1
+        ax.barh([i + 0.2 for i in y], [100 * candidates[n] / total_c for n in names], 0.4, label="candidates")
+        ax.barh([i - 0.2 for i in y], [100 * selected[n] / total_s for n in names], 0.4, label="selected")
+        ax.set_yticks(list(y), [n[:48] for n in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of rows (%)")
+        ax.set_title("domains")
+        ax.legend(fontsize=8)
 
 
 def _plot_lengths(selected: Sequence[int], candidates: Sequence[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    xs = [x for x in candidates if x >= 0]
-    bins = 40 if not xs else [min(xs) + (max(xs) - min(xs) + 1) * k / 40 for k in range(41)]
-    for data, label in ((xs, "candidates"), ([x for x in selected if x >= 0], "selected")):
-        if data:
-            ax.hist(data, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(data)})")
-    ax.set_xlabel("trace length (tokens)")
-    ax.set_ylabel("density")
-    ax.set_title("thinking-trace lengths")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with saved_figure(path, figsize=(6.4, 4.0), dpi=110) as ax:
+        xs = [x for x in candidates if x >= 0]
+        bins = 40 if not xs else [min(xs) + (max(xs) - min(xs) + 1) * k / 40 for k in range(41)]
+        for data, label in ((xs, "candidates"), ([x for x in selected if x >= 0], "selected")):
+            if data:
+                ax.hist(data, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(data)})")
+        ax.set_xlabel("trace length (tokens)")
+        ax.set_ylabel("density")
+        ax.set_title("thinking-trace lengths")
+        ax.legend(fontsize=8)
 
 
 def render_markdown(summary: dict) -> str:

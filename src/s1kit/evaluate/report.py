@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from ..plots import saved_figure
 from .metrics import SCALING_UNIT, method_metrics, summarize
 from .sweep import METHODS, SampleStore, Setting
 
@@ -42,33 +43,36 @@ def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: di
 
 def plot_scaling(summary: dict, path: Path) -> None:
     """Accuracy against mean thinking tokens, one line per method, 95% CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for method in summary["methods"]:
-        rows = sorted((r for r in summary["settings"] if r["method"] == method), key=lambda r: r["mean_thinking_tokens"])
-        x = [r["mean_thinking_tokens"] for r in rows]
-        y = [100 * r["accuracy"] for r in rows]
-        err = [[100 * (r["accuracy"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["accuracy"]) for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-    ax.set_xlabel("average thinking tokens")
-    ax.set_ylabel("accuracy (%)")
-    title = " · ".join(str(summary[k]) for k in ("model", "benchmark") if summary.get(k))
-    ax.set_title(title or "test-time scaling")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with saved_figure(path, figsize=(6.4, 4.4), dpi=120) as ax:
+        for method in summary["methods"]:
+            rows = sorted((r for r in summary["settings"] if r["method"] == method),
+                          key=lambda r: r["mean_thinking_tokens"])
+            x = [r["mean_thinking_tokens"] for r in rows]
+            y = [100 * r["accuracy"] for r in rows]
+            err = [[100 * (r["accuracy"] - r["ci_low"]) for r in rows],
+                   [100 * (r["ci_high"] - r["accuracy"]) for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_xlabel("average thinking tokens")
+        ax.set_ylabel("accuracy (%)")
+        title = " · ".join(str(summary[k]) for k in ("model", "benchmark") if summary.get(k))
+        ax.set_title(title or "test-time scaling")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def _fmt(x: float | None, pct: bool = False, digits: int = 1) -> str:
     if x is None or x != x:  # None or NaN
         return "–"
     return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+
+
+def methods_table(methods: dict) -> list[str]:
+    """The Control / Scaling / Performance table (s1 Table 3 style) as markdown lines."""
+    lines = ["| method | Control % | Scaling | Performance % | settings |", "|---|---|---|---|---|"]
+    for m, v in methods.items():
+        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
+        lines.append(f"| {m} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | {v['settings']} |")
+    return lines
 
 
 def render_markdown(summary: dict) -> str:
@@ -85,10 +89,7 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {r['setting']} | {acc} | {_fmt(r['ci_low'], True)}–{_fmt(r['ci_high'], True)} | "
                      f"{_fmt(r['mean_thinking_tokens'])} | {_fmt(r['control'], True, 0)}% | "
                      f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |")
-    lines += ["", "| method | Control % | Scaling | Performance % | settings |", "|---|---|---|---|---|"]
-    for m, v in summary["methods"].items():
-        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
-        lines.append(f"| {m} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | {v['settings']} |")
+    lines += ["", *methods_table(summary["methods"])]
     lines += ["", f"Scaling is the paper's raw slope, in {SCALING_UNIT}; Control counts the settings whose mean "
               "thinking tokens stay within the bounds they asked for.", "", "![scaling](scaling.png)", ""]
     return "\n".join(lines)
