@@ -144,6 +144,8 @@ def test_recipe_defaults_reach_trl(tmp_path):
             cfg.weight_decay) == (16, 0.9, 0.95, 1e-4)
     assert cfg.bf16 == torch.cuda.is_available() and cfg.max_length is None and not cfg.packing
     assert str(cfg.optim.value).startswith("adamw_torch")
+    fp32 = sft_config(Recipe(bf16=False), tmp_path)  # --fp32: no autocast; TF32 matmuls where there is a GPU
+    assert not fp32.bf16 and fp32.tf32 == (True if torch.cuda.is_available() else None)
     assert sft_config(Recipe(batch_size=16, micro_batch_size=2), tmp_path, processes=4).gradient_accumulation_steps == 2
     assert Recipe(lora=True).lr == 1e-4
     with pytest.raises(ValueError, match="multiple of micro-batch-size x processes"):

@@ -512,6 +512,7 @@ def train(
         None, help="Thinking field. [default: thinking_trajectories|deepseek_thinking_trajectory|thinking]"),
     attempt_field: Optional[str] = typer.Option(None, help="Answer field. [default: attempt|deepseek_attempt|answer]"),
     gradient_checkpointing: bool = typer.Option(True, help="Recompute activations in backward (less memory)."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPU (s1), or float32 throughout."),
     seed: int = typer.Option(42, help="Seed of data order and initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in a non-empty --out."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Run on all GPUs with FSDP through accelerate launch."),
@@ -528,7 +529,7 @@ def train(
         recipe = Recipe(epochs=epochs, learning_rate=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         block_size=block_size, max_steps=max_steps, gradient_checkpointing=gradient_checkpointing,
                         lora=lora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, truncate=truncate,
-                        format=get_format(format).name, system=system, seed=seed)
+                        format=get_format(format).name, system=system, seed=seed, bf16=bf16)
         if print_launch or fsdp:
             n = (num_gpus or max(launch.gpu_count(), 1)) if print_launch else launch.check_gpus(num_gpus)
             command = launch.launch_command(launch.rerun_args(ctx), n, python=not print_launch)
