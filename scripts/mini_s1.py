@@ -51,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=16, help="global batch (s1: 16)")
     p.add_argument("--micro-batch", type=int, default=1, help="the first H100 run diverged (NaN) with 4")
     p.add_argument("--block-size", type=int, default=4096)
+    p.add_argument("--bf16", action="store_true",
+                   help="train under bf16 autocast (s1's); at this scale it diverged on the H100, so float32 + TF32")
+    p.add_argument("--curated-from", type=Path, default=None,
+                   help="skip curation: take curated/ and random/ from a published run (results/mini-s1/curation)")
     p.add_argument("--budgets", type=ints, default=[128, 256, 512, 1024], help="thinking caps of the sweeps")
     p.add_argument("--unforced-cap", type=int, default=2048, help="safety cap of the runs without forcing")
     p.add_argument("--waits", type=ints, default=[1, 2, 4], help="forced Waits (under the unforced cap)")
@@ -109,6 +113,8 @@ def stage_curate(run: Run) -> None:
     from s1kit.curate import NamedEngine, curate
 
     a = run.args
+    if a.curated_from:
+        return restore_curation(run, a.curated_from)
     chunk = 4 * a.batch_size
     teacher = NamedEngine(a.teacher, lambda: run.engine(a.teacher), chunk)
     student = NamedEngine(a.student, run.student_engine, chunk)
@@ -127,6 +133,24 @@ def stage_curate(run: Run) -> None:
     _free_gpu()
 
 
+def restore_curation(run: Run, source: Path) -> None:
+    """The curated 1K and the 1K-random (with their curation reports) of a published run, into ``--work``."""
+    import gzip
+    import shutil
+
+    for out in (run.curated, run.random):
+        src = source / out.parent.name
+        if not (src / "s1k.jsonl.gz").is_file():
+            raise SystemExit(f"--curated-from: {src / 's1k.jsonl.gz'} not found")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name == "s1k.jsonl.gz":
+                out.write_bytes(gzip.decompress(f.read_bytes()))
+            else:
+                shutil.copy(f, out.parent / f.name)
+        log(f"  {out}: {sum(1 for _ in out.open())} rows from {src}")
+
+
 def stage_train(run: Run) -> None:
     """The s1 recipe on the curated 1K and on the 1K-random (a finished checkpoint is kept)."""
     from s1kit.train import Recipe, train
@@ -134,14 +158,16 @@ def stage_train(run: Run) -> None:
 
     a = run.args
     recipe = Recipe(epochs=a.epochs, learning_rate=a.lr, batch_size=a.train_batch, micro_batch_size=a.micro_batch,
-                    block_size=a.block_size, truncate=True, seed=a.seed)
+                    block_size=a.block_size, truncate=True, seed=a.seed,
+                    bf16=a.bf16)
     for name, data in (("s1kit-mini", run.curated), ("1k-random", run.random)):
         out = run.checkpoint(name)
         if (out / SUMMARY_FILE).is_file():
             log(f"train {name}: done before")
             continue
         summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True,
-                            on_log=lambda d: d["step"] % 20 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
+                            on_data=lambda d: log(f"  data: {d['trained_rows']} rows, {d['tokens']:,} tokens"),
+                            on_log=lambda d: d["step"] % 10 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
                                                                           f"loss {d['loss']:.4f}"))
         log(f"train {name}: {summary['steps']} steps, loss {summary['train_loss']:.4f}")
         _free_gpu()
