@@ -49,10 +49,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=5.0, help="s1: 5")
     p.add_argument("--lr", type=float, default=1e-5, help="s1: 1e-5")
     p.add_argument("--train-batch", type=int, default=16, help="global batch (s1: 16)")
-    p.add_argument("--micro-batch", type=int, default=1, help="the first H100 run diverged (NaN) with 4")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="gradient checkpointing (a 0.5B at block 4,096 fits an H100 without it)")
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--bf16", action="store_true",
                    help="train under bf16 autocast (s1's); at this scale it diverged on the H100, so float32 + TF32")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps: a training cut off (a job's time limit) resumes from it")
     p.add_argument("--curated-from", type=Path, default=None,
                    help="skip curation: take curated/ and random/ from a published run (results/mini-s1/curation)")
     p.add_argument("--budgets", type=ints, default=[128, 256, 512, 1024], help="thinking caps of the sweeps")
@@ -159,13 +163,13 @@ def stage_train(run: Run) -> None:
     a = run.args
     recipe = Recipe(epochs=a.epochs, learning_rate=a.lr, batch_size=a.train_batch, micro_batch_size=a.micro_batch,
                     block_size=a.block_size, truncate=True, seed=a.seed,
-                    bf16=a.bf16)
+                    gradient_checkpointing=a.checkpointing, bf16=a.bf16, save_steps=a.save_every)
     for name, data in (("s1kit-mini", run.curated), ("1k-random", run.random)):
         out = run.checkpoint(name)
         if (out / SUMMARY_FILE).is_file():
             log(f"train {name}: done before")
             continue
-        summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True,
+        summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True, resume=True,
                             on_data=lambda d: log(f"  data: {d['trained_rows']} rows, {d['tokens']:,} tokens"),
                             on_log=lambda d: d["step"] % 10 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
                                                                           f"loss {d['loss']:.4f}"))

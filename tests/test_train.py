@@ -18,7 +18,7 @@ from s1kit.errors import S1KitError
 from s1kit.formats import S1, render_prompt
 from s1kit.train import Recipe, build_training_set, load_examples, math_rows, render, sft_config, tokenize
 from s1kit.train.data import IGNORE, to_example
-from s1kit.train.recipe import FSDP_CONFIG, SUMMARY_FILE
+from s1kit.train.recipe import FSDP_CONFIG, SUMMARY_FILE, last_checkpoint
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -294,3 +294,35 @@ def test_divergence_stops_training_before_anything_is_saved(rows, tmp_path):
               Recipe(max_steps=6, batch_size=2, micro_batch_size=2, block_size=512, gradient_checkpointing=False,
                      learning_rate=1e8))
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / SUMMARY_FILE).exists()
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
+    # A run cut off after its step-2 checkpoint (as a GPU job at its time limit) continues from it with resume and
+    # ends where an uninterrupted run ends: the same steps and losses, and no checkpoint left beside the model.
+    from dataclasses import replace
+
+    from s1kit.train import train
+
+    class Cut(Exception):
+        pass
+
+    def cut_at_step_3(d):
+        if d["step"] == 3:
+            raise Cut
+
+    data = str(write_jsonl(tmp_path / "eight.jsonl", rows[:8]))
+    recipe = Recipe(max_steps=4, batch_size=2, micro_batch_size=2, block_size=512, gradient_checkpointing=False,
+                    learning_rate=1e-4, save_steps=2)
+    full = train("smollm2-135m", data, tmp_path / "full", replace(recipe, save_steps=None))
+    with pytest.raises(Cut):
+        train("smollm2-135m", data, tmp_path / "cut", recipe, on_log=cut_at_step_3)
+    assert last_checkpoint(tmp_path / "cut").name == "checkpoint-2"
+    with pytest.raises(S1KitError, match="--resume to continue from its last checkpoint"):
+        train("smollm2-135m", data, tmp_path / "cut", recipe)
+    seen = []
+    resumed = train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True, on_log=lambda d: seen.append(d["step"]))
+    assert seen == [3, 4] and resumed["resumed_from"] == "checkpoint-2" and resumed["steps"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-3) and len(full["losses"]) == 4
+    assert (tmp_path / "cut" / "model.safetensors").is_file() and not list((tmp_path / "cut").glob("checkpoint-*"))
+    with pytest.raises(S1KitError, match="finished model"):
+        train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True)

@@ -515,6 +515,8 @@ def train(
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPU (s1), or float32 throughout."),
     seed: int = typer.Option(42, help="Seed of data order and initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in a non-empty --out."),
+    save_steps: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (weights + optimizer)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Run on all GPUs with FSDP through accelerate launch."),
     num_gpus: Optional[int] = typer.Option(None, help="GPUs for --fsdp / --print-launch. [default: all]"),
     print_launch: bool = typer.Option(False, "--print-launch", help="Print the accelerate launch line and exit."),
@@ -529,7 +531,8 @@ def train(
         recipe = Recipe(epochs=epochs, learning_rate=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         block_size=block_size, max_steps=max_steps, gradient_checkpointing=gradient_checkpointing,
                         lora=lora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, truncate=truncate,
-                        format=get_format(format).name, system=system, seed=seed, bf16=bf16)
+                        format=get_format(format).name, system=system, seed=seed, bf16=bf16,
+                        save_steps=save_steps)
         if print_launch or fsdp:
             n = (num_gpus or max(launch.gpu_count(), 1)) if print_launch else launch.check_gpus(num_gpus)
             command = launch.launch_command(launch.rerun_args(ctx), n, python=not print_launch)
@@ -549,7 +552,7 @@ def train(
 
         summary = run_training(model, data, out, recipe, split, question_field, thinking_field, attempt_field,
                                on_log=on_log, on_data=on_data if launch.is_main_process() else None,
-                               overwrite=overwrite)
+                               overwrite=overwrite, resume=resume)
     except (S1KitError, ValueError) as e:
         fail(str(e))
     if launch.is_main_process():

@@ -48,10 +48,13 @@ class Recipe:
     logging_steps: int = 1
     torch_compile: bool = False
     bf16: bool = True  # bf16 autocast over float32 weights on GPU (s1); False: float32 throughout
+    save_steps: int | None = None  # keep a checkpoint (weights + optimizer) every N steps to resume from
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "block_size", "lora_rank", "logging_steps"):
             require_int(name.replace("_", "-"), getattr(self, name))
+        if self.save_steps is not None:
+            require_int("save-steps", self.save_steps)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
@@ -117,7 +120,9 @@ def sft_config(recipe: Recipe, out: str | Path, processes: int | None = None) ->
         packing=False,
         logging_steps=recipe.logging_steps,
         logging_nan_inf_filter=False,  # show a NaN loss as NaN (the filter logs 0.0 instead), so the guard sees it
-        save_strategy="no",
+        save_strategy="steps" if recipe.save_steps else "no",
+        save_steps=recipe.save_steps or 500,
+        save_total_limit=1,  # the newest is removed only after its successor is complete
         report_to="none",
         disable_tqdm=True,
         seed=recipe.seed,
@@ -161,7 +166,7 @@ def _divergence_guard() -> Any:
                 raise S1KitError(
                     f"training diverged at step {state.global_step} ("
                     + ", ".join(f"{k} {v}" for k, v in bad.items())
-                    + "); nothing was saved. Try --fp32 (bf16 autocast diverged where float32 did not, "
+                    + "); the model was not saved. Try --fp32 (bf16 autocast diverged where float32 did not, "
                       "docs/training.md), a lower --lr or a smaller --micro-batch-size")
 
     return DivergenceGuard()
@@ -198,17 +203,40 @@ def save(trainer: Any, tokenizer: Any, out: str | Path) -> None:
         tokenizer.save_pretrained(out)
 
 
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` under ``out`` (its trainer state is written last), if any."""
+    done = [d for d in out.glob("checkpoint-*") if d.name[11:].isdigit() and (d / "trainer_state.json").is_file()]
+    return max(done, key=lambda d: int(d.name[11:]), default=None)
+
+
+def _remove_checkpoints(out: Path) -> None:
+    import shutil
+
+    for d in out.glob("checkpoint-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(), split: str = "train",
           question_field: str | None = None, thinking_field: str | None = None, attempt_field: str | None = None,
           on_log: Callable[[dict], None] | None = None, on_data: Callable[[dict], None] | None = None,
-          overwrite: bool = False) -> dict:
-    """Fine-tune ``model_ref`` on an s1K-schema file or dataset id and save to ``out``; returns a summary."""
+          overwrite: bool = False, resume: bool = False) -> dict:
+    """Fine-tune ``model_ref`` on an s1K-schema file or dataset id and save to ``out``; returns a summary.
+
+    With ``resume`` a run cut off after a checkpoint (``recipe.save_steps``) continues from its newest one."""
     from ..formats import format_tokens, get_format
 
     start = time.time()
     out = Path(out)
-    if out.is_file() or (not overwrite and out.is_dir() and any(out.iterdir())):
-        raise S1KitError(f"{out} exists and is not an empty directory; pick another --out or pass --overwrite")
+    if out.is_file():
+        raise S1KitError(f"{out} is a file; pick another --out")
+    checkpoint = last_checkpoint(out) if resume and out.is_dir() else None
+    if resume and (out / SUMMARY_FILE).is_file():
+        raise S1KitError(f"{out} holds a finished model ({SUMMARY_FILE}); nothing to resume")
+    if checkpoint is None and not overwrite and out.is_dir() and any(out.iterdir()):
+        hint = " or --resume to continue from its last checkpoint" if last_checkpoint(out) else ""
+        raise S1KitError(f"{out} exists and is not an empty directory; pick another --out, pass --overwrite{hint}")
+    if checkpoint is None and out.is_dir():
+        _remove_checkpoints(out)  # stale ones from an earlier run must not mix with this one
     examples = load_examples(data, split, question_field, thinking_field, attempt_field)  # bad rows fail first
     import torch
     from transformers import AutoTokenizer
@@ -229,14 +257,17 @@ def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(),
     dtype = torch.bfloat16 if gpu and recipe.lora and recipe.bf16 else torch.float32
     model, _ = load_model(model_ref, device="cpu", dtype=dtype)
     trainer = build_trainer(model, tokenizer, ts.to_dataset(), recipe, out, on_log)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     save(trainer, tokenizer, out)
+    if trainer.args.should_save:
+        _remove_checkpoints(out)  # the output is a plain model directory; resuming is over
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "model": model_ref, "data": data, "out": str(out), "recipe": asdict(recipe), "learning_rate": recipe.lr,
         "processes": world_size(), "fsdp": fsdp_active(), "device": "cuda" if gpu else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "bf16_autocast": gpu and recipe.bf16, "data_summary": ts.summary(),
-        "steps": trainer.state.global_step, "losses": losses, "train_loss": result.training_loss,
+        "steps": trainer.state.global_step, "losses": losses,
+        "resumed_from": checkpoint.name if checkpoint else None, "train_loss": result.training_loss,
         "seconds": round(time.time() - start, 1),
     }
     if trainer.args.should_save:
