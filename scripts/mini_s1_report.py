@@ -138,8 +138,12 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(r['control'], True, 0)} |")
     lines += ["", "## Control / Scaling / Performance on MATH-500 (Table 3 style)", "",
               *methods_table(summary["methods"])]
-    lines += ["", f"Scaling: mean slope over pairs of settings, in {summary.get('scaling_unit')}; "
-                  "budget forcing's row spans the caps and the Waits.", ""]
+    if summary["methods"]:
+        lines += ["", f"Scaling: mean slope over pairs of settings, in {summary.get('scaling_unit')}; "
+                      "budget forcing's row spans the caps and the Waits."]
+    else:
+        lines += ["", "No MATH-500 sweep of s1kit-mini yet (run the eval stage)."]
+    lines += [""]
     cur = summary["curation"]
     if cur.get("curated"):
         lines += ["## Curation (curated 1K)", "", "| stage | rows in | rows out | dropped | seconds |", "|---|---|---|---|---|"]
