@@ -82,6 +82,7 @@ class Run:
         self.curated = args.work / "curated" / "s1k.jsonl"
         self.random = args.work / "random" / "s1k.jsonl"
         self.timings: dict[str, float] = {}
+        self.fast: dict[str, dict] = {}  # the fast path's counters per model stage (fast_path.json)
         self._student = None
 
     def engine(self, ref: str):
@@ -101,6 +102,21 @@ class Run:
 
     def model_ref(self, name: str) -> str:
         return self.args.student if name == "base" else str(self.checkpoint(name))
+
+    def fast_path(self, engine, before: dict | None, tag: str) -> dict | None:
+        """Log (and keep, for fast_path.json) what the engine's fast path did since ``before``."""
+        stats = engine.fast_stats() if hasattr(engine, "fast_stats") else None
+        if not stats:
+            return stats
+        d = {k: v - (before or {}).get(k, 0) for k, v in stats.items()}
+        if d["steps"]:
+            secs = d["decode_s"] + d["prefill_s"]
+            log(f"  {tag}: {d['rows']} rows, {d['tokens']:,} tokens, {d['tokens'] / secs:,.0f} tokens/s; "
+                f"{1e3 * d['decode_s'] / d['steps']:.2f} ms/step, slots busy {100 * d['busy_slot_steps'] / d['slot_steps']:.0f}%, "
+                f"prefill {d['prefill_s']:.1f} s of {secs:.1f} s")
+            self.fast[tag] = d
+            (self.work / "fast_path.json").write_text(json.dumps(self.fast, indent=2))
+        return stats
 
     def timed(self, name: str, fn, *a, **kw):
         start = time.time()
@@ -132,6 +148,8 @@ def stage_curate(run: Run) -> None:
                   reference_policy=BudgetPolicy(max_thinking_tokens=a.reference_max_thinking, max_answer_tokens=256))
     pools = ["math-train", "gsm8k-train"]
     result = run.timed("curate (s1)", curate, pools, run.curated, references=[student], **common)
+    if run._student is not None:
+        run.fast_path(run._student, None, "difficulty")
     for s in result.stages:
         log(f"  {s.name}: {s.rows_in} -> {s.rows_out} {dict(s.dropped) or ''}")
     run.timed("curate (random)", curate, pools, run.random, selection="random", **common)
@@ -232,8 +250,10 @@ def stage_eval(run: Run) -> None:
             if done["n"] % 500 == 0:
                 log(f"  {tag}: {done['n']}/{total} new samples")
 
+        before = engines[model].fast_stats() if hasattr(engines[model], "fast_stats") else None
         run.timed(f"eval {model} {bench}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
                   on_sample=on_sample)
+        run.fast_path(engines[model], before, f"eval {model} {bench}")
         summary = write_report(out, settings, {"model": model, "benchmark": b.name, "items": len(b.items)})
         log(f"  {model} {bench}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]))
 

@@ -76,7 +76,10 @@ def test_fast_path_with_continuous_batching_equals_reference_loop(engine, refere
     requests = [r for r, _ in pairs]
     completions = fast.generate(requests)  # 12 requests through 4 slots: finished slots are refilled
     _assert_equal(requests, completions, [ref for _, ref in pairs])
-    assert fast._fast is not None and fast._fast.stats["steps"] > 0  # the fast path really ran
+    stats = fast.fast_stats()  # the fast path really ran, and its counters add up
+    assert stats["steps"] > 0 and stats["rows"] == len(requests)
+    assert stats["tokens"] == sum(len(c.token_ids) for c in completions)
+    assert stats["slot_steps"] == 4 * stats["steps"] and 0 < stats["busy_slot_steps"] <= stats["slot_steps"]
     assert {0, 1, 2, 3} <= {c.waits_used for c in completions}
 
 

@@ -126,7 +126,7 @@ def bench_fast(model: Any, batch: int, prompt_len: int, new_tokens: int, forcing
         return [FastRow(p, policy, tokens, None) for p in ids]
 
     dec.run(rows())  # warm-up: allocation and graph capture
-    dec.stats = {"steps": 0, "decode_s": 0.0, "prefill_s": 0.0}
+    dec.reset_stats()
     dec.run(rows())
     return dec.stats["decode_s"] / dec.stats["steps"] * 1e3
 

@@ -253,11 +253,16 @@ class FastDecoder:
         # Without a tokenizer (benchmarks on token ids) no token counts as ending a line.
         self.nl_table = newline_table(tokenizer, vocab) if tokenizer is not None else torch.zeros(vocab, dtype=torch.bool)
         self.forcing = True  # False: emit proposals as they are (benchmarks measure what forcing costs)
-        self.stats = {"steps": 0, "decode_s": 0.0, "prefill_s": 0.0}
+        self.reset_stats()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
         self._ws: dict[tuple[int, int, bool, bool], _Workspace] = {}
         _register_attention()
+
+    def reset_stats(self) -> None:
+        """Zero the counters: decode steps, decode/prefill seconds, rows, tokens and busy slot-steps."""
+        self.stats = {"steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "rows": 0, "tokens": 0, "slot_steps": 0,
+                      "busy_slot_steps": 0}
 
     def _workspace(self, slots: int, length: int, sample: bool) -> _Workspace:
         key = (slots, length, sample, self.forcing)
@@ -325,6 +330,8 @@ class FastDecoder:
                 phase, cols = torch.stack([ws.tb.phase, ws.kv.col]).tolist()  # the only host sync
             self.stats["steps"] += self.sync_every
             self.stats["decode_s"] += timer.elapsed
+            self.stats["slot_steps"] += ws.slots * self.sync_every
+            self.stats["busy_slot_steps"] += len(owner) * self.sync_every  # an upper bound: rows end inside
             if not self.forcing:  # plain decoding ends each row at its budget
                 phase = [P_DONE if s in owner and cols[s] - owner[s][1] >= owner[s][0].max_new else ph
                          for s, ph in enumerate(phase)]
@@ -384,4 +391,6 @@ class FastDecoder:
         t.hit_cap = bool(ws.tb.hit_cap[slot])
         t.finish_reason = {1: "stop", 2: "length"}.get(int(ws.tb.finish[slot]))
         row.trace = t
+        self.stats["rows"] += 1
+        self.stats["tokens"] += len(t.token_ids)
         ws.tb.free(slot)

@@ -113,6 +113,10 @@ class HFEngine:
             for r in rows
         ]
 
+    def fast_stats(self) -> dict | None:
+        """The fast path's counters since it started (steps, seconds, rows, tokens, slot use); None if unused."""
+        return dict(self._fast.stats) if self._fast is not None else None
+
     def _generate_fast(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None) -> list[Completion]:
         """The fast path: every request has a thinking cap, so each row's cache needs are bounded."""
         from .fast import FastDecoder, FastRow
