@@ -103,11 +103,11 @@ class Run:
     def model_ref(self, name: str) -> str:
         return self.args.student if name == "base" else str(self.checkpoint(name))
 
-    def fast_path(self, engine, before: dict | None, tag: str) -> dict | None:
-        """Log (and keep, for fast_path.json) what the engine's fast path did since ``before``."""
-        stats = engine.fast_stats() if hasattr(engine, "fast_stats") else None
+    def fast_path(self, engine, before: dict | None, tag: str) -> None:
+        """Log, and keep for fast_path.json, what the engine's fast path did since ``before`` (its earlier stats)."""
+        stats = engine.fast_stats()
         if not stats:
-            return stats
+            return
         d = {k: v - (before or {}).get(k, 0) for k, v in stats.items()}
         if d["steps"]:
             secs = d["decode_s"] + d["prefill_s"]
@@ -115,14 +115,26 @@ class Run:
                 f"{1e3 * d['decode_s'] / d['steps']:.2f} ms/step, slots busy {100 * d['busy_slot_steps'] / d['slot_steps']:.0f}%, "
                 f"prefill {d['prefill_s']:.1f} s of {secs:.1f} s")
             self.fast[tag] = d
-            (self.work / "fast_path.json").write_text(json.dumps(self.fast, indent=2))
-        return stats
+            self.save()
+
+    def load(self) -> None:
+        """The timings and fast-path counters of earlier calls (a run resumed after a time limit)."""
+        for name, attr in (("timings.json", "timings"), ("fast_path.json", "fast")):
+            if (self.work / name).is_file():
+                setattr(self, attr, json.loads((self.work / name).read_text()))
+
+    def save(self) -> None:
+        """Write them as each part ends, so a call killed by its time limit keeps what it finished."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=2))
+        (self.work / "fast_path.json").write_text(json.dumps(self.fast, indent=2))
 
     def timed(self, name: str, fn, *a, **kw):
         start = time.time()
         out = fn(*a, **kw)
         self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - start, 1)
         log(f"{name}: {self.timings[name]:.1f} s")
+        self.save()
         return out
 
 
@@ -250,7 +262,7 @@ def stage_eval(run: Run) -> None:
             if done["n"] % 500 == 0:
                 log(f"  {tag}: {done['n']}/{total} new samples")
 
-        before = engines[model].fast_stats() if hasattr(engines[model], "fast_stats") else None
+        before = engines[model].fast_stats()
         run.timed(f"eval {model} {bench}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
                   on_sample=on_sample)
         run.fast_path(engines[model], before, f"eval {model} {bench}")
@@ -276,9 +288,7 @@ def main() -> None:
         raise SystemExit(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
     run = Run(args)
     args.work.mkdir(parents=True, exist_ok=True)
-    timings_file = args.work / "timings.json"
-    if timings_file.is_file():
-        run.timings = json.loads(timings_file.read_text())
+    run.load()
     for stage in STAGES:
         if stage in stages:
             log(f"stage {stage}")
@@ -288,7 +298,6 @@ def main() -> None:
                 write_results(run, grids(run), sweep_dir, platform.node())
             else:
                 globals()[f"stage_{stage}"](run)
-            timings_file.write_text(json.dumps(run.timings, indent=2))
     log("done")
 
 
