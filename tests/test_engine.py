@@ -2,6 +2,7 @@
 the s1 stop-and-continue reference loop for greedy float32 decoding on the CPU."""
 
 import pytest
+import torch
 
 from s1kit import BudgetPolicy, Request, SamplingParams, ThinkingFormat
 from s1kit.engines.reference import hf_complete, stop_and_continue
@@ -146,3 +147,18 @@ def test_on_emit_streams_every_token_and_can_cancel_one_sequence(engine):
     assert out[1].finish_reason == "cancelled" and len(out[1].token_ids) == 3
     for i in (0, 2):
         assert seen[i] == len(out[i].token_ids) and out[i].finish_reason in ("stop", "length")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the device machine (CUDA graphs)")
+def test_gpu_fast_path_samples_inside_cuda_graphs():
+    """Sampled rows on the GPU fast path: the captured step draws from the engine's own generator, which
+    must be registered with each CUDA graph (torch registers only its default one)."""
+    from s1kit.engines.hf import HFEngine
+
+    gpu = HFEngine.load("smollm2-135m", device="cuda", dtype="bfloat16", batch_size=8)
+    policy = BudgetPolicy(num_waits=1, max_thinking_tokens=48, max_answer_tokens=8)
+    reqs = [Request(p, policy, PLAIN, SamplingParams(temperature=1.0, top_p=0.9, n=2)) for p in PROMPTS]
+    out = gpu.generate(reqs) + gpu.generate(reqs)  # a second call replays the captured graphs
+    assert gpu.fast_stats()["rows"] == len(out) == 4 * len(PROMPTS)
+    assert all(0 < c.thinking_tokens <= 48 for c in out)
+    assert len({tuple(c.token_ids) for c in out}) > len(PROMPTS)  # draws differ, inside a call and across calls

@@ -12,7 +12,7 @@ import pytest
 from s1kit import S1KitError
 from s1kit.data.benchmarks import load_benchmark
 from s1kit.evaluate.report import write_report
-from s1kit.evaluate.sweep import SweepConfig, build_grid, open_run, run_sweep
+from s1kit.evaluate.sweep import SweepConfig, build_grid, open_run, prediction, regrade_run, run_sweep
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -97,6 +97,13 @@ def test_eval_cli_writes_report_and_reruns_compute_nothing(engine, tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
     r = s1kit("report", str(out))
     assert r.returncode == 0 and "wrote" in r.stdout
+    # --regrade grades the stored generations again: spoiled grades come back as they were
+    spoiled = [{**rec, "prediction": "spoiled", "correct": not rec["correct"]}
+               for rec in map(json.loads, before.splitlines())]
+    (out / "samples.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in spoiled))
+    r = s1kit("report", "--regrade", str(out))
+    assert r.returncode == 0 and f"regraded {len(spoiled)} samples: {len(spoiled)} changed" in r.stdout, r.stdout
+    assert json.loads((out / "summary.json").read_text()) == summary
     # the same directory refuses another model's results
     r = s1kit("eval", "--model", "qwen2.5-coder-0.5b", "--benchmark", "gsm8k", "--limit", "4", "--out", str(out))
     assert r.returncode == 2 and "holds results for model='smollm2-135m'" in r.stderr
@@ -137,3 +144,22 @@ def test_killed_eval_resumes_to_the_same_summary(engine, tmp_path):
 def test_eval_bad_input(args, message, tmp_path):
     r = s1kit("eval", "--limit", "2", "--out", str(tmp_path / "x"), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_blank_answer_is_graded_from_the_thinking():
+    """A model that ends its turn while thinking (one not trained on the format) answered there."""
+    item = load_benchmark("math500", 1).items[0]
+    thinking = f"Working it out, the result is \\boxed{{{item.gold}}}."
+    assert prediction("", thinking, item) == (item.gold, "thinking")
+    assert prediction(" \n", thinking, item)[1] == "thinking"
+    # an answer that says something is graded as it is, even when it is wrong and the thinking was right
+    assert prediction("Final Answer: 12345", thinking, item) == ("12345", "answer")
+    assert prediction("", "", item) == ("", "answer")
+
+
+def test_regrade_bad_input(tmp_path):
+    with pytest.raises(S1KitError, match="not a sweep directory"):
+        regrade_run(tmp_path)
+    open_run(tmp_path, SweepConfig("m", "no-such-benchmark.jsonl", 1), build_grid(max_thinking=[8]))
+    with pytest.raises(S1KitError, match="cannot regrade .*no-such-benchmark.jsonl"):
+        regrade_run(tmp_path)

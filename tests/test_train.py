@@ -323,6 +323,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
     resumed = train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True, on_log=lambda d: seen.append(d["step"]))
     assert seen == [3, 4] and resumed["resumed_from"] == "checkpoint-2" and resumed["steps"] == 4
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-3) and len(full["losses"]) == 4
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-3)  # over all 4 steps, not 2
     assert (tmp_path / "cut" / "model.safetensors").is_file() and not list((tmp_path / "cut").glob("checkpoint-*"))
     with pytest.raises(S1KitError, match="finished model"):
         train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True)

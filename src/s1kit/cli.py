@@ -289,14 +289,21 @@ def eval_(
     _print_summary(summary, out)
 
 
-@app.command(epilog="Example: s1kit report runs/gsm8k")
-def report(out: Path = typer.Argument(..., help="A directory written by s1kit eval.")) -> None:
+@app.command(epilog="Example: s1kit report runs/gsm8k      or, after a grading fix: s1kit report --regrade runs/gsm8k")
+def report(
+    out: Path = typer.Argument(..., help="A directory written by s1kit eval."),
+    regrade: bool = typer.Option(False, help="Extract and grade the stored generations again first "
+                                             "(nothing is generated; samples.jsonl is rewritten)."),
+) -> None:
     """Rebuild summary.json, scaling.png and report.md from a sweep directory's samples."""
     from .evaluate.report import write_report
-    from .evaluate.sweep import load_run
+    from .evaluate.sweep import load_run, regrade_run
 
     try:
         cfg, settings = load_run(out)
+        if regrade:
+            n = regrade_run(out)
+            typer.echo(f"regraded {n['samples']} samples: {n['changed']} changed, {n['correct']} correct")
         summary = write_report(out, settings, {k: cfg[k] for k in ("model", "benchmark", "items") if k in cfg})
     except (S1KitError, ValueError) as e:
         fail(str(e))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 
 from ..data.benchmarks import _package_file, gsm8k_gold, last_boxed
-from ..data.files import iter_records
+from ..data.files import iter_records, write_jsonl
 from ..errors import S1KitError, require_int
 from .stage import StageReport, Timer
 
@@ -241,9 +240,4 @@ def s1k_rows(table: pa.Table) -> list[dict]:
 
 def write_s1k(table: pa.Table, path: Path) -> None:
     """Write ``table`` as s1K JSONL, atomically (a killed run never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in s1k_rows(table):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, s1k_rows(table))

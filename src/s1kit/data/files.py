@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from ..errors import S1KitError
 
@@ -72,3 +73,13 @@ def open_append(path: Path) -> TextIO:
     if torn:
         f.write("\n")
     return f
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` as JSONL, atomically (a killed run never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

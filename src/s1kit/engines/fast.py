@@ -201,6 +201,8 @@ class _Workspace:
         self.kv.col.copy_(saved[0])
         self.pos.copy_(saved[1])
         self.graph = torch.cuda.CUDAGraph()
+        if self.sample:  # torch registers only its default generator with a graph; sampling draws from ours
+            self.graph.register_generator_state(self.dec.generator)
         with torch.cuda.graph(self.graph):
             self.step()
 

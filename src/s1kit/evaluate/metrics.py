@@ -81,6 +81,7 @@ def summarize(records: Sequence[dict], lo: int = 0, hi: int | None = None) -> di
         "control": float(np.mean([in_bounds(t, lo, hi) for t in thinking])) if thinking else float("nan"),
         "hit_cap_rate": float(np.mean([r["hit_cap"] for r in records])) if records else float("nan"),
         "mean_waits": float(np.mean([r["waits_used"] for r in records])) if records else float("nan"),
+        "graded_from_thinking": sum(r.get("graded") == "thinking" for r in records),
     }
     if len({r["sample"] for r in records}) > 1:
         out["majority_accuracy"] = majority_accuracy(records)

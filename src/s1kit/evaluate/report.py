@@ -90,6 +90,10 @@ def render_markdown(summary: dict) -> str:
                      f"{_fmt(r['mean_thinking_tokens'])} | {_fmt(r['control'], True, 0)}% | "
                      f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |")
     lines += ["", *methods_table(summary["methods"])]
+    blank = sum(r.get("graded_from_thinking", 0) for r in summary["settings"])
+    if blank:
+        lines += ["", f"{blank} sample(s) ended their turn while thinking, with a blank answer: their thinking was "
+                  "graded instead."]
     lines += ["", f"Scaling is the paper's raw slope, in {SCALING_UNIT}; Control counts the settings whose mean "
               "thinking tokens stay within the bounds they asked for.", "", "![scaling](scaling.png)", ""]
     return "\n".join(lines)

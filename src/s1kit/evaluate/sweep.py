@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..budget import BudgetPolicy
 from ..data.benchmarks import MC_LETTERS, Benchmark, Item
-from ..data.files import open_append, read_appended
+from ..data.files import open_append, read_appended, write_jsonl
 from ..data.grading import Grader, extract_answer, extract_choice
 from ..engines.base import Engine, Request, SamplingParams
 from ..errors import S1KitError
@@ -237,14 +236,15 @@ def run_sweep(
                 done.append((job, c))
             if not done:
                 continue
-            preds = [_prediction(c.answer, j.item) for j, c in done]
-            grades = grader.grade_many(preds, [j.item.gold for j, _ in done], [j.item.kind for j, _ in done])
-            for (job, c), pred, ok in zip(done, preds, grades):
+            found = [prediction(c.answer, c.thinking, j.item) for j, c in done]
+            grades = grader.grade_many([p for p, _ in found], [j.item.gold for j, _ in done],
+                                       [j.item.kind for j, _ in done])
+            for (job, c), (pred, source), ok in zip(done, found, grades):
                 rec = {
                     "setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
                     "item_id": job.item.id, "sample": job.sample, "gold": job.item.gold, "prediction": pred,
-                    "correct": ok, "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
-                    "waits_used": c.waits_used, "hit_cap": c.hit_cap, "finish_reason": c.finish_reason,
+                    "graded": source, "correct": ok, "thinking_tokens": c.thinking_tokens,
+                    "answer_tokens": c.answer_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap, "finish_reason": c.finish_reason,
                     "tries": job.tries, "answer": c.answer, "thinking": c.thinking,
                 }
                 store.add(rec)
@@ -269,8 +269,50 @@ def _request(job: _Job, fmt: ThinkingFormat | str, sampling: SamplingParams) -> 
     return Request(question, s.policy, fmt, sp)
 
 
-def _prediction(answer: str, item: Item) -> str:
+def _extract(text: str, item: Item) -> str:
     if item.kind == "mc":
-        return extract_choice(answer, MC_LETTERS[: item.meta.get("options", 4)]) or ""
+        return extract_choice(text, MC_LETTERS[: item.meta.get("options", 4)]) or ""
     numeric = bool(item.gold) and item.gold.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
-    return extract_answer(answer, numeric=numeric)
+    return extract_answer(text, numeric=numeric)
+
+
+def prediction(answer: str, thinking: str, item: Item) -> tuple[str, str]:
+    """The extracted answer and where it came from: the answer text, or the thinking when the answer is
+    blank (a model that ends its turn while thinking, e.g. one not trained on the format, answered there)."""
+    if answer.strip() or not thinking.strip():
+        return _extract(answer, item), "answer"
+    return _extract(thinking, item), "thinking"
+
+
+def regrade_run(out: Path, grader: Grader | None = None) -> dict:
+    """Extract and grade every stored sample of a sweep directory again, with the current rules; the generations
+    are kept. Returns counts: samples, changed (grade or prediction), correct."""
+    from ..data.benchmarks import load_benchmark
+
+    cfg, _ = load_run(out)
+    path = out / "samples.jsonl"
+    records = list(read_appended(path))
+    try:
+        items = {it.id: it for it in load_benchmark(cfg["benchmark"]).items}
+    except S1KitError as e:
+        raise S1KitError(f"cannot regrade {out}: its benchmark {cfg['benchmark']!r} does not load ({e})") from e
+    missing = sorted({r["item_id"] for r in records} - items.keys())
+    if missing:
+        raise S1KitError(f"cannot regrade {out}: {len(missing)} sample item(s) are not in {cfg['benchmark']!r}, "
+                         f"e.g. {missing[0]!r}")
+    found = [prediction(r.get("answer", ""), r.get("thinking", ""), items[r["item_id"]]) for r in records]
+    own = grader is None
+    grader = grader or Grader()
+    try:
+        # the stored gold: a multiple-choice gold letter depends on the option shuffle's seed
+        grades = grader.grade_many([p for p, _ in found], [r["gold"] for r in records],
+                                   [items[r["item_id"]].kind for r in records])
+    finally:
+        if own:
+            grader.close()
+    changed = 0
+    for rec, (pred, source), ok in zip(records, found, grades):
+        changed += rec.get("prediction") != pred or rec.get("correct") != ok
+        rec.update(prediction=pred, graded=source, correct=ok)
+    write_jsonl(path, records)
+    return {"samples": len(records), "changed": changed, "correct": sum(grades)}

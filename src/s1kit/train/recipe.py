@@ -262,12 +262,15 @@ def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(),
     if trainer.args.should_save:
         _remove_checkpoints(out)  # the output is a plain model directory; resuming is over
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # The Trainer's training_loss sums only this call's steps over all steps: far too low after a resume.
+    # The restored log history holds every step, so average that.
+    train_loss = sum(losses) / len(losses) if losses and recipe.logging_steps == 1 else result.training_loss
     summary = {
         "model": model_ref, "data": data, "out": str(out), "recipe": asdict(recipe), "learning_rate": recipe.lr,
         "processes": world_size(), "fsdp": fsdp_active(), "device": "cuda" if gpu else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "bf16_autocast": gpu and recipe.bf16, "data_summary": ts.summary(),
         "steps": trainer.state.global_step, "losses": losses,
-        "resumed_from": checkpoint.name if checkpoint else None, "train_loss": result.training_loss,
+        "resumed_from": checkpoint.name if checkpoint else None, "train_loss": train_loss,
         "seconds": round(time.time() - start, 1),
     }
     if trainer.args.should_save:
