@@ -57,8 +57,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--bf16", action="store_true",
                    help="train under bf16 autocast (s1's); at this scale it diverged on the H100, so float32 + TF32")
-    p.add_argument("--save-every", type=int, default=50,
-                   help="checkpoint every N steps: a training cut off (a job's time limit) resumes from it")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (0: only when SIGTERM/SIGUSR1 stops a training, e.g. a "
+                        "job's time limit; each fp32 checkpoint of the 0.5B costs ~17 s on an H100)")
     p.add_argument("--curated-from", type=Path, default=None,
                    help="skip curation: take curated/ and random/ from a published run (results/mini-s1/curation)")
     p.add_argument("--budgets", type=ints, default=[128, 256, 512, 1024], help="thinking caps of the sweeps")
@@ -131,11 +132,12 @@ class Run:
 
     def timed(self, name: str, fn, *a, **kw):
         start = time.time()
-        out = fn(*a, **kw)
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - start, 1)
-        log(f"{name}: {self.timings[name]:.1f} s")
-        self.save()
-        return out
+        try:
+            return fn(*a, **kw)
+        finally:  # a part stopped by a signal counts too: its work is resumed, not redone
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - start, 1)
+            log(f"{name}: {self.timings[name]:.1f} s")
+            self.save()
 
 
 # ---------------------------------------------------------------- stages
@@ -189,22 +191,28 @@ def restore_curation(run: Run, source: Path) -> None:
 
 def stage_train(run: Run) -> None:
     """The s1 recipe on the curated 1K and on the 1K-random (a finished checkpoint is kept)."""
+    from s1kit.errors import S1KitError
     from s1kit.train import Recipe, train
     from s1kit.train.recipe import SUMMARY_FILE
 
     a = run.args
     recipe = Recipe(epochs=a.epochs, learning_rate=a.lr, batch_size=a.train_batch, micro_batch_size=a.micro_batch,
                     block_size=a.block_size, truncate=True, seed=a.seed,
-                    gradient_checkpointing=a.checkpointing, bf16=a.bf16, save_steps=a.save_every)
+                    gradient_checkpointing=a.checkpointing, bf16=a.bf16, save_steps=a.save_every or None)
     for name, data in (("s1kit-mini", run.curated), ("1k-random", run.random)):
         out = run.checkpoint(name)
         if (out / SUMMARY_FILE).is_file():
             log(f"train {name}: done before")
             continue
-        summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True, resume=True,
-                            on_data=lambda d: log(f"  data: {d['trained_rows']} rows, {d['tokens']:,} tokens"),
-                            on_log=lambda d: d["step"] % 10 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
-                                                                          f"loss {d['loss']:.4f}"))
+        try:
+            summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True,
+                                resume=True,
+                                on_data=lambda d: log(f"  data: {d['trained_rows']} rows, {d['tokens']:,} tokens"),
+                                on_log=lambda d: d["step"] % 10 == 0 and log(f"  step {d['step']}/{d['max_steps']} "
+                                                                              f"loss {d['loss']:.4f}"))
+        except S1KitError as e:  # stopped by a signal (a checkpoint is saved) or bad input: say so, no traceback
+            log(f"train {name}: {e}")
+            raise SystemExit(3) from None
         log(f"train {name}: {summary['steps']} steps, loss {summary['train_loss']:.4f}")
         _free_gpu()
 
@@ -289,6 +297,10 @@ def main() -> None:
     run = Run(args)
     args.work.mkdir(parents=True, exist_ok=True)
     run.load()
+    if stages != ["report"]:  # the report may be written elsewhere: it names the machine that computed the run
+        from mini_s1_report import DEVICE_FILE, device_name
+
+        (args.work / DEVICE_FILE).write_text(device_name() + "\n")
     for stage in STAGES:
         if stage in stages:
             log(f"stage {stage}")

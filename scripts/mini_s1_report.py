@@ -15,7 +15,11 @@ NAMES = {"base": "student (no fine-tuning)", "s1kit-mini": "s1kit-mini (curated 
 BENCH_NAMES = {"math500": "MATH-500", "gsm8k": "GSM8K"}
 
 
-def _device() -> str:
+DEVICE_FILE = "device.txt"  # in the work directory: the machine that ran the stages
+
+
+def device_name() -> str:
+    """This machine's accelerator (or cpu)."""
     try:
         import torch
 
@@ -32,13 +36,14 @@ def _curation(path: Path) -> dict | None:
             "selected": s.get("selected"), "config": s.get("config")}
 
 
-def _training(path: Path) -> dict | None:
+def _training(path: Path, seconds: float | None) -> dict | None:
+    """The training summary; ``seconds`` (every call's, from the run's timings) outranks the last call's own."""
     if not path.is_file():
         return None
     s = json.loads(path.read_text())
     d = s.get("data_summary", {})
     return {"steps": s["steps"], "train_loss": s["train_loss"], "first_loss": (s["losses"] or [None])[0],
-            "last_loss": (s["losses"] or [None])[-1], "seconds": s["seconds"], "rows": d.get("rows"),
+            "last_loss": (s["losses"] or [None])[-1], "seconds": seconds or s["seconds"], "rows": d.get("rows"),
             "tokens": d.get("tokens"), "truncated": d.get("truncated"), "learning_rate": s["learning_rate"],
             "epochs": s["recipe"]["epochs"], "batch_size": s["recipe"]["batch_size"]}
 
@@ -46,6 +51,8 @@ def _training(path: Path) -> dict | None:
 def write_results(run, plan: dict, sweep_dir, host: str) -> dict:
     """Gather everything into ``run.args.results`` and return the summary."""
     a = run.args
+    recorded = run.work / DEVICE_FILE
+    device = recorded.read_text().strip() if recorded.is_file() else device_name()
     results: dict = {}
     for (model, bench), settings in plan.items():
         store = sweep_dir(run, model, bench) / "samples.jsonl"
@@ -55,13 +62,14 @@ def write_results(run, plan: dict, sweep_dir, host: str) -> dict:
     mini = results.get("math500", {}).get("s1kit-mini", {})
     teacher, student = a.names.split(",") if a.names else (a.teacher, a.student)
     summary = {
-        "title": "mini-s1: s1's recipe at 0.5B scale", "date": time.strftime("%Y-%m-%d"), "device": _device(),
+        "title": "mini-s1: s1's recipe at 0.5B scale", "date": time.strftime("%Y-%m-%d"), "device": device,
         "host": host, "teacher": teacher, "student": student,
         "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "timings_s": run.timings,
         "curation": {"curated": _curation(run.curated.with_name("curation_report.json")),
                      "random": _curation(run.random.with_name("curation_report.json"))},
-        "training": {m: _training(run.checkpoint(m) / "s1kit-train.json") for m in ("s1kit-mini", "1k-random")},
+        "training": {m: _training(run.checkpoint(m) / "s1kit-train.json", run.timings.get(f"train {m}"))
+                     for m in ("s1kit-mini", "1k-random")},
         "results": results,
         # top level: budget forcing of s1kit-mini on MATH-500 (caps and Waits), as s1's Table 3 reports
         "control": mini.get("control"), "scaling": mini.get("scaling"), "performance": mini.get("performance"),

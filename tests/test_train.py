@@ -7,6 +7,7 @@ checks masking, rendering and errors without training.
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -327,3 +328,19 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
     assert (tmp_path / "cut" / "model.safetensors").is_file() and not list((tmp_path / "cut").glob("checkpoint-*"))
     with pytest.raises(S1KitError, match="finished model"):
         train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True)
+
+    # SIGTERM (a job's time limit) saves a checkpoint at the end of the next step, even with no periodic ones, and
+    # stops (sent while step 2 is logged, after that step's end: step 3 is the one saved)
+    def term_at_step_2(d):
+        if d["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    no_periodic = replace(recipe, save_steps=None)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(S1KitError, match="stopped by SIGTERM at step 3 of 4; checkpoint-3 .* --resume"):
+        train("smollm2-135m", data, tmp_path / "term", no_periodic, on_log=term_at_step_2)
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is gone with it
+    assert not (tmp_path / "term" / "model.safetensors").exists()
+    resumed = train("smollm2-135m", data, tmp_path / "term", no_periodic, resume=True)
+    assert resumed["resumed_from"] == "checkpoint-3"
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-3)

@@ -522,7 +522,8 @@ def train(
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast on GPU (s1), or float32 throughout."),
     seed: int = typer.Option(42, help="Seed of data order and initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in a non-empty --out."),
-    save_steps: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (weights + optimizer)."),
+    save_steps: Optional[int] = typer.Option(None, help="Keep a checkpoint every N steps (weights + optimizer); "
+                                                        "SIGTERM/SIGUSR1 always saves one and stops."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Run on all GPUs with FSDP through accelerate launch."),
     num_gpus: Optional[int] = typer.Option(None, help="GPUs for --fsdp / --print-launch. [default: all]"),

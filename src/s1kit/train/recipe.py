@@ -172,6 +172,55 @@ def _divergence_guard() -> Any:
     return DivergenceGuard()
 
 
+class _StopRequest:
+    """SIGTERM or SIGUSR1 (a job's time limit, a preempting scheduler) during training: save a checkpoint at the
+    end of the current step and stop, so ``resume`` loses nothing. A second signal acts as it did before."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        import signal
+        import threading
+
+        # One process only: ranks of a multi-GPU run could see the signal at different steps and save apart.
+        if threading.current_thread() is threading.main_thread() and world_size() == 1:
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def callback(self) -> Any:
+        """A TrainerCallback that turns a received signal into save-then-stop at the step's end."""
+        from transformers import TrainerCallback
+
+        request = self
+
+        class SaveAndStop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if request.name:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return SaveAndStop()
+
+
 def build_trainer(model: Any, tokenizer: Any, dataset: Any, recipe: Recipe, out: str | Path,
                   on_log: Callable[[dict], None] | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """An ``SFTTrainer`` on a tokenized dataset (``input_ids`` + ``labels``, used as given)."""
@@ -256,8 +305,13 @@ def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(),
     # float32 master weights: at lr 1e-5 most bf16 updates would round away. LoRA keeps a bf16 base on GPU.
     dtype = torch.bfloat16 if gpu and recipe.lora and recipe.bf16 else torch.float32
     model, _ = load_model(model_ref, device="cpu", dtype=dtype)
-    trainer = build_trainer(model, tokenizer, ts.to_dataset(), recipe, out, on_log)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _StopRequest() as stop:
+        trainer = build_trainer(model, tokenizer, ts.to_dataset(), recipe, out, on_log, [stop.callback()])
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.name:
+        step = trainer.state.global_step
+        raise S1KitError(f"stopped by {stop.name} at step {step} of {trainer.state.max_steps}; checkpoint-{step} "
+                         f"is saved in {out}: run the same command with --resume to continue")
     save(trainer, tokenizer, out)
     if trainer.args.should_save:
         _remove_checkpoints(out)  # the output is a plain model directory; resuming is over
