@@ -244,8 +244,8 @@ def run_sweep(
                     "setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
                     "item_id": job.item.id, "sample": job.sample, "gold": job.item.gold, "prediction": pred,
                     "graded": source, "correct": ok, "thinking_tokens": c.thinking_tokens,
-                    "answer_tokens": c.answer_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap, "finish_reason": c.finish_reason,
-                    "tries": job.tries, "answer": c.answer, "thinking": c.thinking,
+                    "answer_tokens": c.answer_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
+                    "finish_reason": c.finish_reason, "tries": job.tries, "answer": c.answer, "thinking": c.thinking,
                 }
                 store.add(rec)
                 if on_sample:
