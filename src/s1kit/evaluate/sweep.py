@@ -284,7 +284,7 @@ def prediction(answer: str, thinking: str, item: Item) -> tuple[str, str]:
     return _extract(thinking, item), "thinking"
 
 
-def regrade_run(out: Path, grader: Grader | None = None) -> dict:
+def regrade_run(out: Path) -> dict:
     """Extract and grade every stored sample of a sweep directory again, with the current rules; the generations
     are kept. Returns counts: samples, changed (grade or prediction), correct."""
     from ..data.benchmarks import load_benchmark
@@ -301,15 +301,9 @@ def regrade_run(out: Path, grader: Grader | None = None) -> dict:
         raise S1KitError(f"cannot regrade {out}: {len(missing)} sample item(s) are not in {cfg['benchmark']!r}, "
                          f"e.g. {missing[0]!r}")
     found = [prediction(r.get("answer", ""), r.get("thinking", ""), items[r["item_id"]]) for r in records]
-    own = grader is None
-    grader = grader or Grader()
-    try:
-        # the stored gold: a multiple-choice gold letter depends on the option shuffle's seed
+    with Grader() as grader:  # the stored gold: a multiple-choice gold letter depends on the option shuffle's seed
         grades = grader.grade_many([p for p, _ in found], [r["gold"] for r in records],
                                    [items[r["item_id"]].kind for r in records])
-    finally:
-        if own:
-            grader.close()
     changed = 0
     for rec, (pred, source), ok in zip(records, found, grades):
         changed += rec.get("prediction") != pred or rec.get("correct") != ok
