@@ -240,8 +240,19 @@ def sweep_dir(run: Run, model: str, bench: str) -> Path:
     return run.work / "eval" / f"{model}-{bench}"
 
 
+def eval_parts(plan: dict[tuple[str, str], list]) -> list[tuple[str, str, list]]:
+    """(model, benchmark, settings) in the order they run: every greedy setting in ORDER first, then the sampled
+    ones (rejection sampling); a sampling fault, or a time limit, then costs no greedy row."""
+    greedy = [(m, b, [s for s in plan[(m, b)] if s.accept_max is None]) for m, b in ORDER]
+    sampled = [(m, b, [s for s in plan[(m, b)] if s.accept_max is not None]) for m, b in ORDER]
+    return [p for p in greedy + sampled if p[2]]
+
+
 def stage_eval(run: Run) -> None:
-    """Every sweep, one engine per model; graded samples are stored as they come (resumable)."""
+    """Every sweep, one engine per model; graded samples are stored as they come (resumable). A part that fails
+    is logged and the rest still run; the stage then exits with status 4."""
+    import traceback
+
     from s1kit.data.benchmarks import load_benchmark
     from s1kit.evaluate.report import write_report
     from s1kit.evaluate.sweep import SweepConfig, open_run, run_sweep
@@ -250,32 +261,43 @@ def stage_eval(run: Run) -> None:
     a = run.args
     plan = grids(run)
     engines: dict = {}
-    for model, bench in ORDER:
+    failed = []
+    for model, bench, settings in eval_parts(plan):
         if model != "base" and not (run.checkpoint(model) / SUMMARY_FILE).is_file():
             log(f"  {model} {bench}: skipped, the model is not trained (run the train stage)")
             continue
         b = load_benchmark(bench, a.items)
         out = sweep_dir(run, model, bench)
-        settings = plan[(model, bench)]
-        open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), settings)
+        open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), plan[(model, bench)])
         if model not in engines:
             for other in [m for m in engines if m != "base"]:  # one fine-tune in memory at a time
                 del engines[other]
             _free_gpu()
             engines[model] = run.student_engine() if model == "base" else run.engine(run.model_ref(model))
         done = {"n": 0}
+        tag = f"{model} {bench}" + (" (sampled)" if settings[0].accept_max is not None else "")
 
-        def on_sample(rec: dict, done=done, total=len(settings) * len(b.items), tag=f"{model} {bench}") -> None:
+        def on_sample(rec: dict, done=done, total=len(settings) * len(b.items), tag=tag) -> None:
             done["n"] += 1
             if done["n"] % 500 == 0:
                 log(f"  {tag}: {done['n']}/{total} new samples")
 
         before = engines[model].fast_stats()
-        run.timed(f"eval {model} {bench}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
-                  on_sample=on_sample)
-        run.fast_path(engines[model], before, f"eval {model} {bench}")
-        summary = write_report(out, settings, {"model": model, "benchmark": b.name, "items": len(b.items)})
-        log(f"  {model} {bench}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]))
+        try:
+            run.timed(f"eval {tag}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
+                      on_sample=on_sample)
+        except Exception:  # noqa: BLE001 - keep the other parts; the traceback says what to fix
+            log(f"  {tag}: FAILED\n{traceback.format_exc()}")
+            failed.append(tag)
+            continue
+        run.fast_path(engines[model], before, f"eval {tag}")
+        summary = write_report(out, plan[(model, bench)], {"model": model, "benchmark": b.name, "items": len(b.items)})
+        mine = {s.key for s in settings}
+        log(f"  {tag}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]
+                                     if r["setting"] in mine))
+    if failed:
+        log(f"eval: {len(failed)} part(s) failed: {', '.join(failed)}")
+        raise SystemExit(4)
 
 
 def _free_gpu() -> None:

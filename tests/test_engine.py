@@ -1,6 +1,8 @@
 """The single-pass hf engine on the real SmolLM2-135M: exact budgets, and token-for-token equality with
 the s1 stop-and-continue reference loop for greedy float32 decoding on the CPU."""
 
+import os
+
 import pytest
 import torch
 
@@ -152,10 +154,12 @@ def test_on_emit_streams_every_token_and_can_cancel_one_sequence(engine):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the device machine (CUDA graphs)")
 def test_gpu_fast_path_samples_inside_cuda_graphs():
     """Sampled rows on the GPU fast path: the captured step draws from the engine's own generator, which
-    must be registered with each CUDA graph (torch registers only its default one)."""
+    must be registered with each CUDA graph (torch registers only its default one). S1KIT_GPU_TEST_MODEL names
+    another model (the GPU machine gets staged GGUFs, not SmolLM2's package)."""
     from s1kit.engines.hf import HFEngine
 
-    gpu = HFEngine.load("smollm2-135m", device="cuda", dtype="bfloat16", batch_size=8)
+    model = os.environ.get("S1KIT_GPU_TEST_MODEL", "smollm2-135m")
+    gpu = HFEngine.load(model, device="cuda", dtype="bfloat16", batch_size=8)
     policy = BudgetPolicy(num_waits=1, max_thinking_tokens=48, max_answer_tokens=8)
     reqs = [Request(p, policy, PLAIN, SamplingParams(temperature=1.0, top_p=0.9, n=2)) for p in PROMPTS]
     out = gpu.generate(reqs) + gpu.generate(reqs)  # a second call replays the captured graphs
