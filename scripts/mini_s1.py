@@ -115,7 +115,8 @@ class Run:
             log(f"  {tag}: {d['rows']} rows, {d['tokens']:,} tokens, {d['tokens'] / secs:,.0f} tokens/s; "
                 f"{1e3 * d['decode_s'] / d['steps']:.2f} ms/step, slots busy {100 * d['busy_slot_steps'] / d['slot_steps']:.0f}%, "
                 f"prefill {d['prefill_s']:.1f} s of {secs:.1f} s")
-            self.fast[tag] = d
+            old = self.fast.get(tag, {})  # a part resumed after a time limit adds to the earlier calls' counts
+            self.fast[tag] = {k: old.get(k, 0) + v for k, v in d.items()}
             self.save()
 
     def load(self) -> None:
@@ -290,7 +291,8 @@ def stage_eval(run: Run) -> None:
             log(f"  {tag}: FAILED\n{traceback.format_exc()}")
             failed.append(tag)
             continue
-        run.fast_path(engines[model], before, f"eval {tag}")
+        finally:  # also when a time limit's SIGTERM stops the part: its work is kept, so its counters too
+            run.fast_path(engines[model], before, f"eval {tag}")
         summary = write_report(out, plan[(model, bench)], {"model": model, "benchmark": b.name, "items": len(b.items)})
         mine = {s.key for s in settings}
         log(f"  {tag}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]
@@ -310,8 +312,20 @@ def _free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM (a job's time limit) into SystemExit, so the part in progress records its time and counters
+    (Python's default would end the process on the spot). Training installs its own handler while it runs."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
     args = parse_args()
+    _stop_on_sigterm()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
