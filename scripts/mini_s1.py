@@ -86,10 +86,17 @@ class Run:
         self.fast: dict[str, dict] = {}  # the fast path's counters per model stage (fast_path.json)
         self._student = None
 
+    def computes_here(self) -> None:
+        """Record this machine as the one that ran the stages (the report may be written elsewhere)."""
+        from mini_s1_report import DEVICE_FILE, device_name
+
+        (self.work / DEVICE_FILE).write_text(device_name() + "\n")
+
     def engine(self, ref: str):
         """An hf engine for ``ref`` with the run's batch size, device and dtype."""
         from s1kit.api import make_engine
 
+        self.computes_here()
         return make_engine(ref, device=self.args.device, dtype=self.args.dtype, batch_size=self.args.batch_size)
 
     def student_engine(self):
@@ -205,6 +212,7 @@ def stage_train(run: Run) -> None:
         if (out / SUMMARY_FILE).is_file():
             log(f"train {name}: done before")
             continue
+        run.computes_here()
         try:
             summary = run.timed(f"train {name}", train, a.student, str(data), out, recipe, overwrite=True,
                                 resume=True,
@@ -256,7 +264,7 @@ def stage_eval(run: Run) -> None:
 
     from s1kit.data.benchmarks import load_benchmark
     from s1kit.evaluate.report import write_report
-    from s1kit.evaluate.sweep import SweepConfig, open_run, run_sweep
+    from s1kit.evaluate.sweep import SampleStore, SweepConfig, open_run, run_sweep
     from s1kit.train.recipe import SUMMARY_FILE
 
     a = run.args
@@ -270,13 +278,17 @@ def stage_eval(run: Run) -> None:
         b = load_benchmark(bench, a.items)
         out = sweep_dir(run, model, bench)
         open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), plan[(model, bench)])
+        tag = f"{model} {bench}" + (" (sampled)" if settings[0].accept_max is not None else "")
+        store = SampleStore(out / "samples.jsonl")
+        if all((s.key, it.id, 0) in store for s in settings for it in b.items):  # done in an earlier call
+            log(f"  {tag}: done before")
+            continue
         if model not in engines:
             for other in [m for m in engines if m != "base"]:  # one fine-tune in memory at a time
                 del engines[other]
             _free_gpu()
             engines[model] = run.student_engine() if model == "base" else run.engine(run.model_ref(model))
         done = {"n": 0}
-        tag = f"{model} {bench}" + (" (sampled)" if settings[0].accept_max is not None else "")
 
         def on_sample(rec: dict, done=done, total=len(settings) * len(b.items), tag=tag) -> None:
             done["n"] += 1
@@ -333,10 +345,6 @@ def main() -> None:
     run = Run(args)
     args.work.mkdir(parents=True, exist_ok=True)
     run.load()
-    if stages != ["report"]:  # the report may be written elsewhere: it names the machine that computed the run
-        from mini_s1_report import DEVICE_FILE, device_name
-
-        (args.work / DEVICE_FILE).write_text(device_name() + "\n")
     for stage in STAGES:
         if stage in stages:
             log(f"stage {stage}")
