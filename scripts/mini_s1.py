@@ -33,7 +33,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--teacher", default="qwen2.5-coder-1.5b", help="model that writes the traces")
@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 class Run:
@@ -264,7 +264,7 @@ def stage_eval(run: Run) -> None:
 
     from s1kit.data.benchmarks import load_benchmark
     from s1kit.evaluate.report import write_report
-    from s1kit.evaluate.sweep import SampleStore, SweepConfig, open_run, run_sweep
+    from s1kit.evaluate.sweep import SweepConfig, open_run, run_sweep
     from s1kit.train.recipe import SUMMARY_FILE
 
     a = run.args
@@ -279,15 +279,15 @@ def stage_eval(run: Run) -> None:
         out = sweep_dir(run, model, bench)
         open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), plan[(model, bench)])
         tag = f"{model} {bench}" + (" (sampled)" if settings[0].accept_max is not None else "")
-        store = SampleStore(out / "samples.jsonl")
-        if all((s.key, it.id, 0) in store for s in settings for it in b.items):  # done in an earlier call
-            log(f"  {tag}: done before")
-            continue
-        if model not in engines:
-            for other in [m for m in engines if m != "base"]:  # one fine-tune in memory at a time
-                del engines[other]
-            _free_gpu()
-            engines[model] = run.student_engine() if model == "base" else run.engine(run.model_ref(model))
+
+        def engine(model=model):  # run_sweep calls it only if samples are missing: a finished part loads nothing
+            if model not in engines:
+                for other in [m for m in engines if m != "base"]:  # one fine-tune in memory at a time
+                    del engines[other]
+                _free_gpu()
+                engines[model] = run.student_engine() if model == "base" else run.engine(run.model_ref(model))
+            return engines[model]
+
         done = {"n": 0}
 
         def on_sample(rec: dict, done=done, total=len(settings) * len(b.items), tag=tag) -> None:
@@ -295,16 +295,20 @@ def stage_eval(run: Run) -> None:
             if done["n"] % 500 == 0:
                 log(f"  {tag}: {done['n']}/{total} new samples")
 
-        before = engines[model].fast_stats()
+        def loaded(model=model):  # the base student may be loaded already, by curation
+            return run._student if model == "base" else engines.get(model)
+
+        before = loaded().fast_stats() if loaded() else {}  # an engine loaded during the part counts from zero
         try:
-            run.timed(f"eval {tag}", run_sweep, engines[model], b, settings, out, chunk=4 * a.batch_size,
+            run.timed(f"eval {tag}", run_sweep, engine, b, settings, out, chunk=4 * a.batch_size,
                       on_sample=on_sample)
         except Exception:  # noqa: BLE001 - keep the other parts; the traceback says what to fix
             log(f"  {tag}: FAILED\n{traceback.format_exc()}")
             failed.append(tag)
             continue
         finally:  # also when a time limit's SIGTERM stops the part: its work is kept, so its counters too
-            run.fast_path(engines[model], before, f"eval {tag}")
+            if loaded():
+                run.fast_path(loaded(), before, f"eval {tag}")
         summary = write_report(out, plan[(model, bench)], {"model": model, "benchmark": b.name, "items": len(b.items)})
         mine = {s.key for s in settings}
         log(f"  {tag}: " + ", ".join(f"{r['label']} {100 * r['accuracy']:.1f}%" for r in summary["settings"]

@@ -6,10 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from s1kit.evaluate.report import build_summary
-from s1kit.evaluate.sweep import load_run
+from s1kit.evaluate.sweep import setting_from_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "mini-s1"
@@ -18,37 +16,27 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import mini_s1  # noqa: E402
 
 
-def _args(**kw):
-    argv = sys.argv
-    sys.argv = ["mini_s1.py", *(f"--{k.replace('_', '-')}={v}" for k, v in kw.items())]
-    try:
-        return mini_s1.parse_args()
-    finally:
-        sys.argv = argv
-
-
 def test_eval_parts_run_greedy_settings_first_and_rejection_sampling_last():
-    run = mini_s1.Run(_args())
-    parts = mini_s1.eval_parts(mini_s1.grids(run))
+    plan = mini_s1.grids(mini_s1.Run(mini_s1.parse_args([])))  # the defaults, as results/mini-s1 ran them
+    parts = mini_s1.eval_parts(plan)
     sampled = [i for i, (_, _, settings) in enumerate(parts) if any(s.accept_max is not None for s in settings)]
     assert sampled == [len(parts) - 1]  # one sampled part, at the end
     model, bench, settings = parts[-1]
     assert (model, bench) == ("s1kit-mini", "math500") and all(s.method == "rejection" for s in settings)
     assert [s.label for s in settings] == ["accept<=256", "accept<=512", "accept<=1024"]
     # nothing is lost or run twice: the parts add up to the whole plan
-    plan = mini_s1.grids(run)
     for key, full in plan.items():
         got = [s.key for m, b, ss in parts if (m, b) == key for s in ss]
         assert sorted(got) == sorted(s.key for s in full)
 
 
-@pytest.mark.skipif(not (RESULTS / "summary.json").is_file(), reason="no published mini-s1 results")
 def test_published_summary_follows_from_the_published_samples():
     summary = json.loads((RESULTS / "summary.json").read_text())
     for bench, models in summary["results"].items():
         for model, published in models.items():
             name = f"{model}-{bench}"
-            _, settings = load_run_from(RESULTS / "samples" / f"{name}.config.json")
+            config = json.loads((RESULTS / "samples" / f"{name}.config.json").read_text())
+            settings = [setting_from_json(d) for d in config["settings"]]
             with gzip.open(RESULTS / "samples" / f"{name}.jsonl.gz", "rt") as f:
                 records = [json.loads(line) for line in f]
             assert len(records) == sum(r["n"] for r in published["settings"]), name
@@ -61,12 +49,3 @@ def test_published_summary_follows_from_the_published_samples():
         (mini["control"], mini["scaling"], mini["performance"])
     assert summary["control"] == 1.0 and summary["scaling"] > 0  # budget forcing controls and scales here
 
-
-def load_run_from(config: Path):
-    """load_run reads DIR/config.json; the published copies are named after their sweep."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        shutil.copy(config, Path(d) / "config.json")
-        return load_run(Path(d))
