@@ -166,3 +166,24 @@ def test_gpu_fast_path_samples_inside_cuda_graphs():
     assert gpu.fast_stats()["rows"] == len(out) == 4 * len(PROMPTS)
     assert all(0 < c.thinking_tokens <= 48 for c in out)
     assert len({tuple(c.token_ids) for c in out}) > len(PROMPTS)  # draws differ, inside a call and across calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the device machine (Triton kernel)")
+def test_gpu_split_attention_and_fused_projections_decode_as_sdpa_does():
+    """The GPU-only parts of the fast path (split-K decode attention, fused q/k/v and gate/up GEMMs) inside
+    CUDA graphs give the tokens of SDPA and separate GEMMs: float32, a random Qwen2.5-0.5B architecture
+    (biases, 7 query heads per KV head), contexts over several attention chunks, more rows than slots."""
+    from s1kit.bench import random_model, synthetic_tokens
+    from s1kit.engines.fast import FastDecoder, FastRow
+
+    torch.manual_seed(0)
+    model = random_model("qwen2.5-0.5b", "cuda", torch.float32)
+    tokens = synthetic_tokens(model.config.vocab_size)
+    policy = BudgetPolicy(min_thinking_tokens=300, max_thinking_tokens=300, max_answer_tokens=4)
+    prompts = [torch.randint(100, 5000, (n,)).tolist() for n in (7, 200, 64, 130, 3, 90)]
+    traces = []
+    for on in (False, True):
+        rows = [FastRow(p, policy, tokens, None) for p in prompts]
+        FastDecoder(model, None, pad_id=0, slots=4, compile=False, fuse=on, split_attention=on).run(rows)
+        traces.append([r.trace.token_ids for r in rows])
+    assert traces[0] == traces[1]
