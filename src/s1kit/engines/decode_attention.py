@@ -29,8 +29,10 @@ BLOCK = 64  # columns per inner iteration
 
 
 def available(query: torch.Tensor) -> bool:
-    """Whether the kernel can run for ``query``: Triton is importable and the tensor is on a GPU."""
-    return triton is not None and query.is_cuda
+    """Whether the kernel can run for ``query``: Triton is importable, the tensor is on a GPU and the head size
+    is a power of two >= 16 (other models decode through SDPA)."""
+    d = query.shape[-1]
+    return triton is not None and query.is_cuda and d >= 16 and not d & (d - 1)
 
 
 if triton is not None:

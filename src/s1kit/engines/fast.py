@@ -14,7 +14,8 @@ Same semantics as the plain loop in ``hf.py`` (the budget machine is ``TensorBud
 - Decoding attends over the cache with the query heads of a KV group as the query axis of one call, so
   grouped-query models never copy K/V per step (transformers' SDPA path repeats K/V when a mask is given).
   On a GPU that call is ``decode_attention``'s split-K kernel, which reads only the columns each slot uses
-  (SDPA reads the whole static cache: at 1,024 columns, 27 µs a layer against ~6 on an H200); elsewhere SDPA.
+  (SDPA reads the whole static cache: 27 µs a layer over 1,024 columns on an H200, whatever the context
+  in use); elsewhere SDPA.
 - Sibling projections (q/k/v, gate/up) run as one GEMM each (``fused.py``).
 
 ``S1KIT_FUSE=0`` and ``S1KIT_SPLIT_ATTENTION=0`` turn the last two off (A/B measurements, or a model they
