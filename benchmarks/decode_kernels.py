@@ -78,6 +78,21 @@ def attention(b: int, hq: int, hkv: int, d: int, cols: int, layers: int, masked:
     return graph_us([call(i) for i in range(layers)])
 
 
+def split_k(b: int, hq: int, hkv: int, d: int, cols: int, used: int, layers: int, chunk: int,
+            **tiling: int) -> float:
+    """µs per layer of ``decode_attention`` over a ``cols``-column cache of which every slot uses ``used``."""
+    from s1kit.engines.decode_attention import decode_attention
+
+    dev, dt = "cuda", torch.bfloat16
+    qs = [torch.randn(b, hkv, hq // hkv, d, device=dev, dtype=dt) for _ in range(layers)]
+    ks = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
+    vs = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
+    mask = torch.zeros(b, cols, device=dev, dtype=dt)
+    last = torch.full((b,), used - 1, device=dev)
+    return graph_us([lambda i=i: decode_attention(qs[i], ks[i], vs[i], mask, last, d ** -0.5, chunk, **tiling)
+                     for i in range(layers)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen2.5-1.5b")
@@ -85,6 +100,8 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=1024, help="static cache columns")
     ap.add_argument("--used", type=int, default=384, help="columns a row attends to on average")
     ap.add_argument("--no-compile", action="store_true", help="skip the autotuned (inductor) GEMMs")
+    ap.add_argument("--attention-only", action="store_true", help="skip the projections")
+    ap.add_argument("--sweep", action="store_true", help="time tilings of the split-K kernel")
     args = ap.parse_args()
     c = ARCHS[args.arch]
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
@@ -99,6 +116,8 @@ def main() -> None:
         "down": [(h, inter)],
     }
     print(f"{args.arch} batch {args.batch}, {torch.cuda.get_device_name()}")
+    if args.attention_only:
+        groups = {}
     print("| projection | cuBLAS µs/layer | GB/s | autotuned µs/layer | GB/s |")
     print("|---|---|---|---|---|")
     for name, shapes in groups.items():
@@ -108,8 +127,9 @@ def main() -> None:
             us2, _ = linears(args.batch, shapes, layers, True)
             row += f" {us2:.1f} | {nbytes / us2 / 1e3:.0f} |"
         print(row, flush=True)
-    us, nbytes = linears(args.batch, [(c["vocab_size"], h)], 2, False)
-    print(f"| lm_head | {us:.1f} | {nbytes / us / 1e3:.0f} |", flush=True)
+    if not args.attention_only:
+        us, nbytes = linears(args.batch, [(c["vocab_size"], h)], 2, False)
+        print(f"| lm_head | {us:.1f} | {nbytes / us / 1e3:.0f} |", flush=True)
     print("\n| attention (per layer) | columns | µs |")
     print("|---|---|---|")
     for cols in (args.cache, args.used):
@@ -117,6 +137,25 @@ def main() -> None:
                                      (True, True, "matmul-softmax-matmul + mask")):
             us = attention(args.batch, hq, hkv, d, cols, layers, masked, naive)
             print(f"| {label} | {cols} | {us:.1f} |", flush=True)
+    if args.sweep:  # tilings of the split-K kernel: µs per layer at each context
+        used = (128, args.used, args.cache)
+        print(f"\n| chunk | block | warps | stages | " + " | ".join(f"{u} cols" for u in used) + " |")
+        for chunk in (128, 256):
+            for block in (32, 64):
+                for warps in (2, 4, 8):
+                    for stages in (2, 4):
+                        if block > chunk:
+                            continue
+                        t = [split_k(args.batch, hq, hkv, d, args.cache, u, layers, chunk, block=block, warps=warps,
+                                     stages=stages) for u in used]
+                        print(f"| {chunk} | {block} | {warps} | {stages} | " + " | ".join(f"{x:.1f}" for x in t) + " |",
+                              flush=True)
+        return
+    print("\n| split-K kernel (per layer), columns in use of the cache's | chunk 64 | 128 | 256 |")
+    print("|---|---|---|---|")
+    for used in (128, 256, args.used, 768, args.cache):
+        us = [split_k(args.batch, hq, hkv, d, args.cache, used, layers, c) for c in (64, 128, 256)]
+        print(f"| {used} of {args.cache} | " + " | ".join(f"{u:.1f}" for u in us) + " |", flush=True)
 
 
 if __name__ == "__main__":

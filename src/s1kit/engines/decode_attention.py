@@ -100,7 +100,8 @@ if triton is not None:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     last: torch.Tensor, scale: float) -> torch.Tensor:
+                     last: torch.Tensor, scale: float, chunk: int = CHUNK, block: int = BLOCK,
+                     warps: int = 4, stages: int = 3) -> torch.Tensor:
     """Attention of ``query`` [B, Hkv, G, D] over columns ``[0, last[b]]`` of ``key``/``value`` [B, Hkv, L, D].
 
     ``mask`` [B, L] is additive (0 = attend, a large negative = masked); returns [B, Hkv, G, D] in query's dtype.
@@ -112,7 +113,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if d & (d - 1) or d < 16:
         raise ValueError(f"decode_attention needs a power-of-two head size >= 16, got {d}")
     gp = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
-    splits = triton.cdiv(length, CHUNK)
+    splits = triton.cdiv(length, chunk)
     dev = query.device
     acc = torch.empty(b * hkv * splits * gp * d, dtype=torch.float32, device=dev)
     m = torch.empty(b * hkv * splits * gp, dtype=torch.float32, device=dev)
@@ -121,7 +122,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     _partial[(b * hkv, splits)](query, key, value, mask, last, acc, m, l_, scale,
                                 query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1),
                                 key.stride(2), value.stride(0), value.stride(1), value.stride(2), mask.stride(0),
-                                HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits, CHUNK_=CHUNK, BLOCK_=BLOCK,
-                                PREC="ieee" if query.dtype == torch.float32 else "tf32")  # fp32 stays fp32
-    _merge[(b * hkv,)](acc, m, l_, last, out, HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits, CHUNK_=CHUNK)
+                                HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits, CHUNK_=chunk, BLOCK_=block,
+                                PREC="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32
+                                num_warps=warps, num_stages=stages)
+    _merge[(b * hkv,)](acc, m, l_, last, out, HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits, CHUNK_=chunk)
     return out
