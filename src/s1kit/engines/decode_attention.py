@@ -4,8 +4,8 @@ A decode step's query is one token per slot; the slot cache holds ``length`` col
 in a generation. SDPA reads every column (the static shape a CUDA graph needs), so its cost grows with the cache
 and not with the context. Here each slot's loop stops at its own last column, read from a tensor at run time,
 so the launch shape stays fixed for graph capture while the bytes read follow the real context. The columns are
-split in chunks across programs (flash-decoding), so 32 slots x 2 KV heads still fill the GPU; a second kernel
-merges the chunks' partial softmaxes. The G query heads of a KV group are the rows of one ``tl.dot``.
+split in chunks across programs (flash-decoding), so a long context is read by many programs at once; a second
+kernel merges the chunks' partial softmaxes. The G query heads of a KV group are the rows of one ``tl.dot``.
 
 Runs on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
 """
@@ -105,6 +105,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Attention of ``query`` [B, Hkv, G, D] over columns ``[0, last[b]]`` of ``key``/``value`` [B, Hkv, L, D].
 
     ``mask`` [B, L] is additive (0 = attend, a large negative = masked); returns [B, Hkv, G, D] in query's dtype.
+    ``last`` must be < L (unchecked: checking would cost a device sync; the slot cache clamps its columns).
     """
     b, hkv, g, d = query.shape
     length = key.shape[2]
