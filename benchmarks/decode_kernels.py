@@ -56,14 +56,18 @@ def linears(m: int, shapes: list[tuple[int, int]], layers: int, compiled: bool) 
     return us, sum(o * i * 2 for o, i in shapes)
 
 
+def _decode_inputs(b: int, hq: int, hkv: int, d: int, cols: int, layers: int) -> tuple[list, list, list]:
+    """Random bf16 queries [b, hkv, G, d] and K/V [b, hkv, cols, d], one set per layer."""
+    def rand(n: int) -> list:
+        return [torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+
+    return rand(hq // hkv), rand(cols), rand(cols)
+
+
 def attention(b: int, hq: int, hkv: int, d: int, cols: int, layers: int, masked: bool, naive: bool) -> float:
     """µs per layer of decode attention: ``hq`` query heads folded per KV group, over ``cols`` columns."""
-    dev, dt = "cuda", torch.bfloat16
-    g = hq // hkv
-    qs = [torch.randn(b, hkv, g, d, device=dev, dtype=dt) for _ in range(layers)]
-    ks = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
-    vs = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
-    mask = torch.zeros(b, 1, 1, cols, device=dev, dtype=dt) if masked else None
+    qs, ks, vs = _decode_inputs(b, hq, hkv, d, cols, layers)
+    mask = torch.zeros(b, 1, 1, cols, device="cuda", dtype=torch.bfloat16) if masked else None
 
     def call(i):
         if naive:
@@ -83,12 +87,9 @@ def split_k(b: int, hq: int, hkv: int, d: int, cols: int, used: int, layers: int
     """µs per layer of ``decode_attention`` over a ``cols``-column cache of which every slot uses ``used``."""
     from s1kit.engines.decode_attention import decode_attention
 
-    dev, dt = "cuda", torch.bfloat16
-    qs = [torch.randn(b, hkv, hq // hkv, d, device=dev, dtype=dt) for _ in range(layers)]
-    ks = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
-    vs = [torch.randn(b, hkv, cols, d, device=dev, dtype=dt) for _ in range(layers)]
-    mask = torch.zeros(b, cols, device=dev, dtype=dt)
-    last = torch.full((b,), used - 1, device=dev)
+    qs, ks, vs = _decode_inputs(b, hq, hkv, d, cols, layers)
+    mask = torch.zeros(b, cols, device="cuda", dtype=torch.bfloat16)
+    last = torch.full((b,), used - 1, device="cuda")
     return graph_us([lambda i=i: decode_attention(qs[i], ks[i], vs[i], mask, last, d ** -0.5, chunk, **tiling)
                      for i in range(layers)])
 
@@ -107,7 +108,7 @@ def main() -> None:
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
     d = h // hq
-    groups = {
+    groups = {} if args.attention_only else {
         "q,k,v (3 GEMMs)": [(hq * d, h), (hkv * d, h), (hkv * d, h)],
         "qkv fused": [((hq + 2 * hkv) * d, h)],
         "o": [(h, hq * d)],
@@ -116,8 +117,6 @@ def main() -> None:
         "down": [(h, inter)],
     }
     print(f"{args.arch} batch {args.batch}, {torch.cuda.get_device_name()}")
-    if args.attention_only:
-        groups = {}
     print("| projection | cuBLAS µs/layer | GB/s | autotuned µs/layer | GB/s |")
     print("|---|---|---|---|---|")
     for name, shapes in groups.items():

@@ -28,11 +28,14 @@ CHUNK = 256  # columns per program: one slot-head's context of 4K columns is 16 
 BLOCK = 64  # columns per inner iteration
 
 
+def _tileable(head_dim: int) -> bool:
+    return head_dim >= 16 and not head_dim & (head_dim - 1)  # tl.dot tiles: a power of two, at least 16
+
+
 def available(query: torch.Tensor) -> bool:
     """Whether the kernel can run for ``query``: Triton is importable, the tensor is on a GPU and the head size
     is a power of two >= 16 (other models decode through SDPA)."""
-    d = query.shape[-1]
-    return triton is not None and query.is_cuda and d >= 16 and not d & (d - 1)
+    return triton is not None and query.is_cuda and _tileable(query.shape[-1])
 
 
 if triton is not None:
@@ -111,7 +114,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     length = key.shape[2]
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1 or mask.stride(-1) != 1:
         raise ValueError("decode_attention needs the last dimension of query, key, value and mask contiguous")
-    if d & (d - 1) or d < 16:
+    if not _tileable(d):
         raise ValueError(f"decode_attention needs a power-of-two head size >= 16, got {d}")
     gp = max(16, triton.next_power_of_2(g))  # tl.dot wants at least 16 rows
     splits = triton.cdiv(length, chunk)

@@ -131,6 +131,11 @@ class FastRow:
         return cap + close + self.policy.max_answer_tokens + 1
 
 
+def _switch_on(name: str) -> bool:
+    """An ``S1KIT_*`` switch of the fast path: on unless the variable is ``0``."""
+    return os.environ.get(name, "1") != "0"
+
+
 def _model_dims(model: Any) -> tuple[int, int, int, int]:
     c = model.config
     c = getattr(c, "text_config", c)
@@ -262,17 +267,15 @@ class FastDecoder:
         # S1KIT_COMPILE=0 skips it: a sweep over many budgets meets many cache shapes, and each costs a compile,
         # where the eager step in a CUDA graph is only ~10% slower per step.
         if compile is None:
-            compile = self.device.type == "cuda" and os.environ.get("S1KIT_COMPILE", "1") != "0"
+            compile = self.device.type == "cuda" and _switch_on("S1KIT_COMPILE")
         self.compile = compile
         if compile:  # one compiled graph per workspace shape; the default limit (8) would fall back to eager
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.forward = torch.compile(model, dynamic=False) if compile else model
-        if fuse is None:
-            fuse = os.environ.get("S1KIT_FUSE", "1") != "0"
+        fuse = _switch_on("S1KIT_FUSE") if fuse is None else fuse
         self.fused = FusedProjections(model) if fuse else None
-        if split_attention is None:  # the kernel runs only on CUDA; elsewhere slot_attention uses SDPA anyway
-            split_attention = os.environ.get("S1KIT_SPLIT_ATTENTION", "1") != "0"
-        self.split_attention = split_attention
+        # The kernel runs only on CUDA; elsewhere slot_attention uses SDPA whatever this says.
+        self.split_attention = _switch_on("S1KIT_SPLIT_ATTENTION") if split_attention is None else split_attention
         vocab = _model_dims(model)[3]
         # Without a tokenizer (benchmarks on token ids) no token counts as ending a line.
         self.nl_table = newline_table(tokenizer, vocab) if tokenizer is not None else torch.zeros(vocab, dtype=torch.bool)

@@ -28,13 +28,11 @@ class _Group:
         with torch.no_grad():
             self.weight = torch.cat([lin.weight for lin in linears])
             self.bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-            offsets = [0]
-            for n in self.sizes:
-                offsets.append(offsets[-1] + n)
-            for lin, a, b in zip(linears, offsets, offsets[1:]):  # share storage: no second copy of the weights
-                lin.weight.data = self.weight[a:b]
-                if self.bias is not None:
-                    lin.bias.data = self.bias[a:b]
+            biases = self.bias.split(self.sizes) if self.bias is not None else [None] * len(linears)
+            for lin, w, b in zip(linears, self.weight.split(self.sizes), biases):  # views: no second copy
+                lin.weight.data = w
+                if b is not None:
+                    lin.bias.data = b
         self.input: torch.Tensor | None = None
         self.parts: tuple[torch.Tensor, ...] = ()
         self.pending = 0
