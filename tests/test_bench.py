@@ -33,12 +33,13 @@ def test_fast_path_forces_exact_budgets_on_token_ids():
     """What bench times: rows of token ids with synthetic forcing ids, min = max = N thinking tokens."""
     from s1kit.bench import synthetic_tokens
     from s1kit.budget import BudgetPolicy
-    from s1kit.engines.fast import FastDecoder, FastRow
+    from s1kit.engines.core import token_rows
+    from s1kit.engines.fast import FastDecoder
 
     model = random_model("smollm2-135m", "cpu", torch.float32)
     tokens = synthetic_tokens(model.config.vocab_size)
     policy = BudgetPolicy(min_thinking_tokens=7, max_thinking_tokens=7, max_answer_tokens=2)
-    rows = [FastRow(list(range(100, 100 + n)), policy, tokens, None) for n in (5, 9, 3)]
+    rows = token_rows([list(range(100, 100 + n)) for n in (5, 9, 3)], policy, tokens)
     FastDecoder(model, None, pad_id=0, slots=2).run(rows)  # 3 rows through 2 slots
     for r in rows:
         t = r.trace

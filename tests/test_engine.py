@@ -137,20 +137,6 @@ def test_prompt_longer_than_context_is_a_clear_error(engine):
         engine.generate([Request("word " * 9000, BudgetPolicy(max_answer_tokens=8))])
 
 
-def test_on_emit_streams_every_token_and_can_cancel_one_sequence(engine):
-    reqs = [Request(p, BudgetPolicy(max_thinking_tokens=12, max_answer_tokens=6), PLAIN) for p in PROMPTS[:3]]
-    seen: dict[int, int] = {}
-
-    def on_emit(ri, si, state):
-        seen[ri] = len(state.token_ids)
-        return not (ri == 1 and len(state.token_ids) >= 3)  # cancel request 1 after 3 tokens
-
-    out = engine.generate(reqs, on_emit=on_emit)
-    assert out[1].finish_reason == "cancelled" and len(out[1].token_ids) == 3
-    for i in (0, 2):
-        assert seen[i] == len(out[i].token_ids) and out[i].finish_reason in ("stop", "length")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the device machine (CUDA graphs)")
 def test_gpu_fast_path_samples_inside_cuda_graphs():
     """Sampled rows on the GPU fast path: the captured step draws from the engine's own generator, which
@@ -174,7 +160,8 @@ def test_gpu_split_attention_and_fused_projections_decode_as_sdpa_does():
     CUDA graphs give the tokens of SDPA and separate GEMMs: float32, a random Qwen2.5-0.5B architecture
     (biases, 7 query heads per KV head), contexts over several attention chunks, more rows than slots."""
     from s1kit.bench import random_model, synthetic_tokens
-    from s1kit.engines.fast import FastDecoder, FastRow
+    from s1kit.engines.core import token_rows
+    from s1kit.engines.fast import FastDecoder
 
     torch.manual_seed(0)
     model = random_model("qwen2.5-0.5b", "cuda", torch.float32)
@@ -183,7 +170,7 @@ def test_gpu_split_attention_and_fused_projections_decode_as_sdpa_does():
     prompts = [torch.randint(100, 5000, (n,)).tolist() for n in (7, 200, 64, 130, 3, 90)]
     traces = []
     for on in (False, True):
-        rows = [FastRow(p, policy, tokens, None) for p in prompts]
+        rows = token_rows(prompts, policy, tokens)
         FastDecoder(model, None, pad_id=0, slots=4, compile=False, fuse=on, split_attention=on).run(rows)
         traces.append([r.trace.token_ids for r in rows])
     assert traces[0] == traces[1]

@@ -2,6 +2,7 @@
 running the real SmolLM2-135M (the session ``engine`` fixture), small budgets to stay fast."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -34,7 +35,7 @@ def free_port() -> int:
 def server(engine):
     """The app on a free loopback port in a background thread; stopped (worker joined) after the module."""
     port = free_port()
-    app = create_app(engine, MODEL, api_key=KEY, max_batch_size=16)
+    app = create_app(engine, MODEL, api_key=KEY)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -100,39 +101,56 @@ def test_stream_reassembles_to_the_non_streamed_result(client):
     assert len(deltas) >= 5  # token by token, not one blob at the end
 
 
-def test_16_concurrent_requests_each_get_their_own_budget(client, server):
-    """8 budgets x (streamed, not streamed), different prompts, all at once: batched, no cross-talk."""
+def test_64_concurrent_streams_with_different_budgets_have_no_cross_talk(engine, server):
+    """64 streams at once, each with its own exact budget and prompt: every stream reassembles to what the engine
+    gives that request (greedy), and each ends with its own budget of thinking tokens."""
+    from s1kit import Request
+
     before = health(server)
     prompts = ["What is 2+2?", "Name a colour.", "Say hi.", "What is 9*9?", "Name a fruit.", "Count to three.",
                "What is the capital of France?", "Is 7 prime?"]
-    budgets = [{"min_tokens": n, "max_tokens": n} for n in (3, 5, 7, 9, 11, 13, 15, 17)]
+    cases = [(prompts[i % 8], 2 + (i * 7) % 40) for i in range(64)]
     aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=600)
 
-    async def one(prompt, budget, stream):
-        kw = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0,
-                  extra_body={"thinking_budget": budget})
-        if not stream:
-            r = await aclient.chat.completions.create(**kw)
-            return r.choices[0].message.reasoning_content, r.choices[0].message.content, \
-                r.usage.completion_tokens_details.reasoning_tokens
+    async def one(prompt, n):
         chunks = [c async for c in await aclient.chat.completions.create(
-            **kw, stream=True, stream_options={"include_usage": True})]
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"thinking_budget": {"min_tokens": n, "max_tokens": n}})]
         reasoning, content, _, usage = reassemble(chunks)
         return reasoning[0], content[0], usage.completion_tokens_details.reasoning_tokens
 
     async def main():
-        jobs = [one(p, b, s) for p, b in zip(prompts, budgets) for s in (False, True)]
-        return await asyncio.gather(*jobs)
+        return await asyncio.gather(*(one(p, n) for p, n in cases))
 
     results = asyncio.run(main())
-    for i, budget in enumerate(budgets):
-        plain, streamed = results[2 * i], results[2 * i + 1]
-        assert plain[2] == streamed[2] == budget["max_tokens"]
-        assert plain == streamed, f"budget {budget}: streamed and plain results differ"
-    assert len({r[0] for r in results[::2]}) > 1  # different prompts and budgets, different thinking
+    expected = engine.generate([Request(p, BudgetPolicy(min_thinking_tokens=n, max_thinking_tokens=n,
+                                                        max_answer_tokens=4)) for p, n in cases])
+    for (p, n), got, c in zip(cases, results, expected):
+        assert got == (c.thinking, c.answer, n), f"{p!r} with budget {n}"
     after = health(server)
-    assert after["completed"] - before["completed"] == 16
-    assert after["batches"] - before["batches"] < 16 and after["max_batch"] >= 2  # requests shared batches
+    assert after["completed"] - before["completed"] == 64
+    assert after["max_running"] >= 16  # requests decoded side by side, not one after another
+
+
+def test_stop_thinking_endpoint_closes_a_running_request(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {**_body(max_tokens=6, thinking_budget={"min_tokens": 3000, "max_tokens": 3000}), "stream": True}
+    assert httpx.post(server + "/v1/requests/nope/stop_thinking", headers=headers).status_code == 404
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
+        assert r.status_code == 200
+        lines, stopped = [], None
+        for line in r.iter_lines():
+            lines.append(line)
+            if stopped is None and "reasoning_content" in line:
+                rid = json.loads(line[len("data: "):])["id"]
+                stopped = httpx.post(f"{server}/v1/requests/{rid}/stop_thinking", headers=headers)
+    assert stopped.status_code == 200 and stopped.json()["stopped"]
+    final = [json.loads(x[6:]) for x in lines if x.startswith("data: {") and '"finish_reason": "' in x][-1]
+    thinking = final["choices"][0]["thinking"]
+    assert 0 < thinking["tokens"] < 3000 and thinking["hit_cap"]  # closed as a cap at that point would close it
+    content = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content") or ""
+                      for x in lines if x.startswith("data: {") and '"choices": [{' in x)
+    assert content.startswith("Final Answer:")
 
 
 def test_text_completions_and_models(client):
@@ -277,7 +295,7 @@ def test_serve_help_and_bad_options():
             (["--port", port], "cannot listen on 127.0.0.1:" + port),
             (["--port", "70000"], "--port must be in 1..65535"),
             (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
-            (["--batch-window-ms", "-1"], "--batch-window-ms must be >= 0"),
+            (["--max-model-len", "10"], "--max-model-len must be >= 64"),
             (["--engine", "remote", "--port", str(free_port())], "--engine remote needs --base-url"),
             (["--engine", "vllm", "--port", str(free_port())], "unknown engine 'vllm'"),
             (["--base-url", "http://x/v1", "--port", str(free_port())], "--base-url is only used with --engine remote"),
@@ -318,27 +336,35 @@ def test_s1kit_serve_end_to_end(engine):
     assert f"serving 'smollm2-135m' at http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
 
 
-class _FailsOnBoom:
-    """The real engine, made to fail on prompts containing "boom": an engine failure cannot be provoked
-    naturally, and the batcher must keep such a failure to the one request that caused it."""
+class _FailsWhenArmed:
+    """The real engine, made to fail one step on demand: an engine failure cannot be provoked naturally, and the
+    worker must fail only what the engine held at that moment and keep serving."""
 
     def __init__(self, engine):
-        self.engine, self.tokenizer, self.prepare = engine, engine.tokenizer, engine.prepare
+        self.engine, self.armed, self.added = engine, False, 0
 
-    def generate(self, requests, on_progress=None, on_emit=None):
-        if any("boom" in r.prompt for r in requests):
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def add(self, *args, **kw):
+        self.added += 1
+        return self.engine.add(*args, **kw)
+
+    def step(self):
+        if self.armed and self.added >= 2:  # fail once both armed jobs are in the engine
+            self.armed = False
             raise RuntimeError("boom")
-        return self.engine.generate(requests, on_progress=on_progress, on_emit=on_emit)
+        self.engine.step()
 
 
-def test_batcher_answers_each_job_when_its_own_sequences_end_and_isolates_failures(engine):
+def test_worker_answers_each_job_when_its_own_rows_end_and_survives_a_failed_step(engine):
     from s1kit import Request
-    from s1kit.serve.batcher import Batcher, Job, JobError
+    from s1kit.serve.worker import EngineWorker, Job, JobError
 
     def job(prompt, n):
         return Job([Request(prompt, BudgetPolicy(min_thinking_tokens=n, max_thinking_tokens=n, max_answer_tokens=3))])
 
-    async def finals(batcher, named):
+    async def finals(worker, named):
         order = []
 
         async def final(name, j):
@@ -348,23 +374,27 @@ def test_batcher_answers_each_job_when_its_own_sequences_end_and_isolates_failur
             return event
 
         for j in named.values():
-            batcher.submit(j)
+            worker.submit(j)
         results = await asyncio.gather(*(final(name, j) for name, j in named.items()))
         return dict(zip(named, results)), order
 
-    async def main():
-        batcher = Batcher(_FailsOnBoom(engine), max_batch_size=8, window_s=0.5)  # both jobs in one batch
-        try:
-            mixed = await finals(batcher, {"long": job("What is 2+2?", 40), "short": job("Name a colour.", 2)})
-            batches = batcher.stats["batches"]
-            failing = await finals(batcher, {"good": job("Name a fruit.", 2), "bad": job("boom", 2)})
-            return mixed, batches, failing, dict(batcher.stats)
-        finally:
-            batcher.close()
+    flaky = _FailsWhenArmed(engine)
 
-    (mixed, order), batches, (failing, _), stats = asyncio.run(main())
-    assert batches == 1 and mixed["long"][0].thinking_tokens == 40 and mixed["short"][0].thinking_tokens == 2
-    assert order == ["short", "long"]  # answered when its own sequence ended, not with the batch
-    assert isinstance(failing["bad"], JobError) and failing["bad"].status == 500 and "boom" in failing["bad"].message
-    assert failing["good"][0].thinking_tokens == 2  # retried alone after the mixed batch failed
-    assert stats["completed"] == 3 and stats["failed"] == 1
+    async def main():
+        worker = EngineWorker(flaky)
+        try:
+            mixed = await finals(worker, {"long": job("What is 2+2?", 40), "short": job("Name a colour.", 2)})
+            flaky.armed, flaky.added = True, 0
+            failed = await finals(worker, {"a": job("Name a fruit.", 2), "b": job("Say hi.", 2)})
+            after = await finals(worker, {"c": job("Name a fruit.", 2)})
+            return mixed, failed, after, dict(worker.stats)
+        finally:
+            worker.close()
+
+    (mixed, order), (failed, _), (after, _), stats = asyncio.run(main())
+    assert mixed["long"][0].thinking_tokens == 40 and mixed["short"][0].thinking_tokens == 2
+    assert order == ["short", "long"]  # answered when its own sequence ended, not with the other
+    assert all(isinstance(failed[k], JobError) and failed[k].status == 500 and "boom" in failed[k].message
+               for k in "ab")
+    assert after["c"][0].thinking_tokens == 2  # the worker and the engine kept serving
+    assert stats["completed"] == 3 and stats["failed"] == 2 and stats["running"] == 0

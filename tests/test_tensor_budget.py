@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from s1kit.budget import BudgetPolicy
+from s1kit.budget import BudgetPolicy, BudgetState
 from s1kit.engines.tensor_budget import ANSWER, END, NONE, OPENER, PREFIX, THINK, TensorBudget, replay
 
 from test_budget import IM_END, IM_START, EOS, NL, ONE_WAIT, TOKENS, TWO_TOKEN_WAIT
@@ -78,3 +78,33 @@ def test_reloading_a_slot_starts_a_fresh_sequence():
     tb.load(0, BudgetPolicy(num_waits=1), TOKENS, None)
     e, k = tb.step(torch.tensor([IM_START, 7]), pad_id=0)
     assert e.tolist() == [30, 0] and k.tolist() == [THINK, NONE]  # slot 0 waits, slot 1 stays finished
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stop_thinking_is_a_zero_cap_in_the_tensor_machine(seed):
+    """Stop-thinking mid-sequence: ``BudgetState.stop_thinking`` and a zero cap in the mirror emit the same."""
+    rng = random.Random(100 + seed)
+    slots = 8
+    tb = TensorBudget(slots, "cpu", VOCAB, NL_TABLE)
+    rows = []
+    for b in range(slots):
+        tokens = rng.choice([TOKENS, ONE_WAIT, TWO_TOKEN_WAIT])
+        policy = BudgetPolicy(min_thinking_tokens=rng.choice([0, 30]), num_waits=rng.choice([0, 2]),
+                              max_answer_tokens=5)
+        tb.load(b, policy, tokens, None)
+        rows.append((BudgetState(policy, tokens), proposals(rng, 60), rng.randrange(1, 12)))
+    outs = [[] for _ in range(slots)]
+    for t in range(60):
+        for b, (state, _, at) in enumerate(rows):
+            if t == at:
+                state.stop_thinking()
+                tb.cap[b] = 0
+        e, k = tb.step(torch.tensor([r[1][t] for r in rows]), pad_id=0)
+        for b, (state, props, _) in enumerate(rows):
+            if not state.done:
+                state.step(props[t])
+            if k[b] != NONE:
+                outs[b].append(int(e[b]))
+    for b, (state, _, _) in enumerate(rows):
+        assert state.done and outs[b] == state.token_ids
+        assert bool(tb.hit_cap[b]) == state.hit_cap

@@ -17,18 +17,20 @@ def make_engine(
     device: str | None = None,
     dtype: str | None = None,
     batch_size: int = 32,
+    max_model_len: int | None = None,
     **remote_options: Any,
 ) -> Engine:
     """An engine by kind: ``"hf"`` (in-process transformers) or ``"remote"`` (an OpenAI-compatible server).
 
-    ``remote_options`` (``api_key``, ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
+    ``max_model_len`` fixes the hf fast path's cache length (a server). ``remote_options`` (``api_key``,
+    ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
     """
     if engine == "hf":
         if base_url is not None:
             raise ValueError("--base-url is only used with --engine remote")
         from .engines.hf import HFEngine
 
-        return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size)
+        return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len)
     if engine == "remote":
         if not base_url:
             raise ValueError("--engine remote needs --base-url (e.g. http://127.0.0.1:8080/v1)")

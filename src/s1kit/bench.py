@@ -109,7 +109,8 @@ _DECODERS: dict[int, Any] = {}
 
 def bench_fast(model: Any, batch: int, prompt_len: int, new_tokens: int, forcing: bool, seed: int = 0) -> float:
     """ms per decode step of the fast path for ``batch`` rows of ``new_tokens`` thinking tokens."""
-    from .engines.fast import FastDecoder, FastRow, _model_dims
+    from .engines.core import token_rows
+    from .engines.fast import FastDecoder, _model_dims
 
     vocab = _model_dims(model)[3]
     dec = _DECODERS.get(id(model))
@@ -121,9 +122,8 @@ def bench_fast(model: Any, batch: int, prompt_len: int, new_tokens: int, forcing
     policy = BudgetPolicy(min_thinking_tokens=new_tokens, max_thinking_tokens=new_tokens, max_answer_tokens=1)
     g = torch.Generator().manual_seed(seed)
 
-    def rows() -> list[FastRow]:
-        ids = torch.randint(100, vocab - 100, (batch, prompt_len), generator=g).tolist()
-        return [FastRow(p, policy, tokens, None) for p in ids]
+    def rows() -> list:
+        return token_rows(torch.randint(100, vocab - 100, (batch, prompt_len), generator=g).tolist(), policy, tokens)
 
     dec.run(rows())  # warm-up: allocation and graph capture
     dec.reset_stats()

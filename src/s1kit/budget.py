@@ -132,6 +132,11 @@ class BudgetState:
     def _cap_reached(self) -> bool:
         return self.cap is not None and len(self.thinking_ids) >= self.cap
 
+    def stop_thinking(self) -> None:
+        """Close thinking at the next step exactly as the cap does (the cap becomes the thinking so far)."""
+        if self.phase is Phase.THINK:
+            self.cap = len(self.thinking_ids) if self.cap is None else min(self.cap, len(self.thinking_ids))
+
     def cancel(self) -> None:
         """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""
         self._forced.clear()

@@ -362,9 +362,11 @@ def serve(
                                                    help="Bearer token of the --engine remote server."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the model."),
     port: int = typer.Option(8000, help="TCP port."),
-    max_batch_size: int = typer.Option(16, help="Sequences decoded together; requests arriving meanwhile wait."),
-    batch_window_ms: float = typer.Option(5.0, help="How long a request reaching an idle server waits for others "
-                                                    "to share its batch."),
+    max_batch_size: int = typer.Option(16, help="Sequences decoded together; a request arriving meanwhile takes "
+                                                "the first place that frees up."),
+    max_model_len: Optional[int] = typer.Option(None, help="Longest prompt + generation the GPU fast path holds per "
+                                                           "sequence (its cache length); longer requests get a 400. "
+                                                           "[default: the model's context]"),
     api_key: Optional[str] = typer.Option(None, envvar="S1KIT_SERVE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     served_model_name: Optional[str] = typer.Option(None, help="Model name clients send. [default: --model]"),
@@ -380,8 +382,8 @@ def serve(
             raise S1KitError(f"--port must be in 1..65535, got {port}")
         if max_batch_size < 1:
             raise S1KitError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-        if not batch_window_ms >= 0:
-            raise S1KitError(f"--batch-window-ms must be >= 0, got {batch_window_ms}")
+        if max_model_len is not None and max_model_len < 64:
+            raise S1KitError(f"--max-model-len must be >= 64, got {max_model_len}")
         if api_key is not None and not api_key.strip():
             raise S1KitError("--api-key must not be empty")
         fmt = get_format(format)
@@ -400,8 +402,12 @@ def serve(
         options = {} if engine_kind != "remote" else {"tokenizer": tokenizer, "api_key": upstream_api_key}
         if engine_kind != "remote" and tokenizer is not None:
             raise S1KitError("--tokenizer is only used with --engine remote")
+        if engine_kind == "hf":
+            options["max_model_len"] = max_model_len
         engine = make_engine(model, engine_kind, base_url, device=device, dtype=dtype, batch_size=max_batch_size,
                              **options)
+        if engine_kind == "hf":
+            engine.warm_up()  # one cache length; compile and capture before the first request, not during it
     except (S1KitError, ValueError) as e:
         fail(str(e))
     from .serve import create_app
@@ -410,8 +416,7 @@ def serve(
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
     name = served_model_name or model
     typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
-    uvicorn.run(create_app(engine, name, api_key=api_key, max_batch_size=max_batch_size, format=fmt,
-                           batch_window_s=batch_window_ms / 1000), host=host, port=port, log_level="warning",
+    uvicorn.run(create_app(engine, name, api_key=api_key, format=fmt), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=5)
 
 

@@ -104,13 +104,41 @@ def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_token
 
 
 class Engine(Protocol):
-    """Anything that turns requests into completions with budget forcing."""
+    """What every engine offers: an engine core (``core.EngineCore``) that decodes requests with budget forcing.
+
+    ``add`` queues a request and returns a handle, ``step`` advances every active sequence and publishes what it
+    emitted, ``abort`` / ``stop_thinking`` act on a running request, and ``generate`` is a loop over them."""
 
     tokenizer: Any
 
-    def generate(
-        self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None
-    ) -> list[Completion]:
+    def prepare(self, request: Request) -> Any:
+        """(prompt ids, forcing tokens, effective cap); ``S1KitError``/``ValueError`` if the request cannot run."""
+        ...
+
+    def add(self, request: Request, on_update: Callable[[Any], None] | None = None, request_index: int = 0,
+            prepared: Any = None) -> Any:
+        """Queue ``request``; ``on_update(row)`` runs as each of its rows publishes tokens or ends."""
+        ...
+
+    def step(self) -> None:
+        """Advance every active sequence and publish what each emitted."""
+        ...
+
+    def abort(self, handle: Any) -> None:
+        """End a request now; its places are freed."""
+        ...
+
+    def stop_thinking(self, handle: Any) -> None:
+        """Close a request's thinking at its next step, as at the cap."""
+        ...
+
+    @property
+    def has_work(self) -> bool:
+        """True while anything is queued or decoding."""
+        ...
+
+    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
+                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
         """Completions for ``requests``, ``n`` per request, in request order."""
         ...
 

@@ -28,17 +28,16 @@ import os
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..budget import BudgetPolicy, ForcingTokens
+from ..errors import S1KitError
 from . import decode_attention
+from .core import Row
 from .fused import FusedProjections
-from .reference import LoopTrace
-from .tensor_budget import ANSWER, END, NONE, OPENER, P_DONE, PREFIX, THINK, TensorBudget, newline_table
+from .tensor_budget import ANSWER, F_LENGTH, F_STOP, NONE, P_DONE, PREFIX, THINK, TensorBudget, newline_table
 
 ATTN_NAME = "s1kit_slots"
 
@@ -109,28 +108,6 @@ class SlotCache:
         return len(self.keys)
 
 
-@dataclass
-class FastRow:
-    """One sequence to decode: prompt ids, its policy, compiled tokens, effective cap and sampling."""
-
-    prompt_ids: list[int]
-    policy: BudgetPolicy
-    tokens: ForcingTokens
-    cap: int | None
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    trace: LoopTrace | None = None
-
-    @property
-    def max_new(self) -> int:
-        """The most tokens this row can emit (thinking, closing, answer, end token)."""
-        cap = self.policy.max_thinking_tokens if self.cap is None else self.cap
-        t = self.tokens
-        close = len(t.newline_ids) + len(t.opener_ids) + len(t.prefix_ids)
-        return cap + close + self.policy.max_answer_tokens + 1
-
-
 def _switch_on(name: str) -> bool:
     """An ``S1KIT_*`` switch of the fast path: on unless the variable is ``0``."""
     return os.environ.get(name, "1") != "0"
@@ -145,13 +122,31 @@ def _model_dims(model: Any) -> tuple[int, int, int, int]:
     return c.num_hidden_layers, kv, head_dim, c.vocab_size
 
 
-class _Workspace:
-    """Buffers (and on CUDA the captured step) for one (slots, length, sampling) shape."""
+def max_new_tokens(row: Row) -> int:
+    """The most tokens ``row`` can emit (thinking, closing, answer, end token); its thinking must be bounded."""
+    p = row.prepared
+    cap = p.cap if p.cap is not None else row.request.policy.max_thinking_tokens
+    if cap is None:
+        raise S1KitError("the fast path needs a thinking cap or a model with a context length "
+                         "(max_position_embeddings) to bound each row")
+    t = p.tokens
+    return cap + len(t.newline_ids) + len(t.opener_ids) + len(t.prefix_ids) + row.request.policy.max_answer_tokens + 1
 
-    def __init__(self, dec: "FastDecoder", slots: int, length: int, sample: bool) -> None:
+
+def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync: through pinned memory, in stream order."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Workspace:
+    """Buffers (and on CUDA the captured steps, greedy and sampling) for one (slots, length) shape."""
+
+    def __init__(self, dec: "FastDecoder", slots: int, length: int) -> None:
         m, dev = dec.model, dec.device
         layers, kv, head_dim, vocab = _model_dims(m)
-        self.slots, self.length, self.sample = slots, length, sample
+        self.slots, self.length, self.k = slots, length, dec.sync_every
         self.kv = SlotCache(layers, slots, kv, length, head_dim, dec.dtype, dev)
         self.tb = TensorBudget(slots, dev, vocab, dec.nl_table)
         self.neg = torch.finfo(dec.dtype).min
@@ -159,19 +154,23 @@ class _Workspace:
         self.mask = torch.full((slots, 1, 1, length), self.neg, dtype=dec.dtype, device=dev)
         self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
         self.logits = torch.zeros(slots, vocab, dtype=torch.float32, device=dev)
-        self.rec_tok = torch.zeros(slots, length, dtype=torch.long, device=dev)
-        self.rec_kind = torch.full((slots, length), NONE, dtype=torch.long, device=dev)
+        # What each slot emitted at each step of the current chunk (step i of a chunk writes column i), and the
+        # snapshot the host reads after the chunk: ring tokens, ring kinds, phase, finish, waits used, cap hit.
+        self.ring_tok = torch.zeros(slots, self.k, dtype=torch.long, device=dev)
+        self.ring_kind = torch.full((slots, self.k), NONE, dtype=torch.long, device=dev)
+        self.ring_at = torch.zeros((), dtype=torch.long, device=dev)
+        self.snap = torch.zeros(slots, 2 * self.k + 4, dtype=torch.long, device=dev)
         self.temp = torch.zeros(slots, device=dev)
         self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
         self.top_p = torch.ones(slots, device=dev)
         self.dec = dec
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # sample -> captured step
         # Compiled, the budget machine's ~100 small element-wise ops become a few fused kernels.
         self._force_fn = torch.compile(self._force, dynamic=False) if dec.compile else self._force
 
-    def _propose(self) -> torch.Tensor:
+    def _propose(self, sample: bool) -> torch.Tensor:
         greedy = self.logits.argmax(-1)
-        if not self.sample:
+        if not sample:
             return greedy
         x = self.logits / self.temp.clamp(min=1e-5).unsqueeze(1)
         srt, order = x.sort(-1, descending=True)
@@ -186,88 +185,110 @@ class _Workspace:
         sampled = order.gather(1, pick.unsqueeze(1)).squeeze(1)
         return torch.where(self.temp > 0, sampled, greedy)
 
-    def _force(self) -> torch.Tensor:
+    def _force(self, sample: bool) -> torch.Tensor:
         """Propose, run the budget machine, record the emitted tokens and unmask their columns."""
         if self.dec.forcing:
-            emitted, kind = self.tb.step(self._propose(), self.dec.pad_id)
+            emitted, kind = self.tb.step(self._propose(sample), self.dec.pad_id)
         else:  # plain decoding: every slot emits its proposal, as thinking, until the host stops it
-            emitted = self._propose()
+            emitted = self._propose(sample)
             kind = torch.where(self.tb.phase != P_DONE, THINK, NONE)
         rows, col = self.kv.rows, self.kv.col
-        self.rec_tok[rows, col] = emitted
-        self.rec_kind[rows, col] = kind
+        self.ring_tok[:, self.ring_at] = emitted
+        self.ring_kind[:, self.ring_at] = kind
         self.mask[rows, 0, 0, col] = torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype)
         return emitted
 
-    def step(self) -> None:
+    def step(self, sample: bool) -> None:
         """One decode step for every slot: propose, force, record, feed the model. No host sync."""
-        emitted = self._force_fn()
+        emitted = self._force_fn(sample)
         extra = {"s1kit_last": self.kv.col} if self.dec.split_attention else {}
         out = self.dec.forward(input_ids=emitted.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask=self.mask, past_key_values=self.kv, use_cache=True, **extra)
         self.logits.copy_(out.logits[:, -1].float())
         self.pos.add_(1)
         self.kv.col.add_(1).clamp_(max=self.length - 1)  # only idle slots reach the end; they record nothing
+        self.ring_at.add_(1).remainder_(self.k)
 
-    def capture(self) -> None:
-        """Record ``step`` as a CUDA graph (after warm-up runs on a side stream, with every slot idle)."""
-        saved = (self.kv.col.clone(), self.pos.clone())
+    def capture(self, sample: bool) -> None:
+        """Record ``step`` as a CUDA graph (after warm-up runs on a side stream); every slot must be idle."""
+        saved = (self.kv.col.clone(), self.pos.clone(), self.ring_at.clone())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.step()
+                self.step(sample)
         torch.cuda.current_stream().wait_stream(s)
-        self.kv.col.copy_(saved[0])
-        self.pos.copy_(saved[1])
-        self.graph = torch.cuda.CUDAGraph()
-        if self.sample:  # torch registers only its default generator with a graph; sampling draws from ours
-            self.graph.register_generator_state(self.dec.generator)
-        with torch.cuda.graph(self.graph):
-            self.step()
+        for t, v in zip((self.kv.col, self.pos, self.ring_at), saved):
+            t.copy_(v)
+        graph = torch.cuda.CUDAGraph()
+        if sample:  # torch registers only its default generator with a graph; sampling draws from ours
+            graph.register_generator_state(self.dec.generator)
+        with torch.cuda.graph(graph):
+            self.step(sample)
+        self.graphs[sample] = graph
 
-    def run_step(self) -> None:
-        """Replay the captured step, or run it eagerly (CPU)."""
-        if self.graph is not None:
-            self.graph.replay()
+    def run_chunk(self, sample: bool) -> None:
+        """``k`` decode steps (captured graph replays on CUDA), then the snapshot of what they emitted."""
+        graph = self.graphs.get(sample)
+        for _ in range(self.k):
+            if graph is not None:
+                graph.replay()
+            else:
+                self.step(sample)
+        tb = self.tb
+        torch.cat([self.ring_tok, self.ring_kind, tb.phase.unsqueeze(1), tb.finish.unsqueeze(1),
+                   tb.waits_used.unsqueeze(1), tb.hit_cap.long().unsqueeze(1)], dim=1, out=self.snap)
+
+
+class _Chunk:
+    """A launched chunk: who owned each slot, and its snapshot on its way to the host."""
+
+    def __init__(self, ws: _Workspace, owners: dict[int, Row], pinned: torch.Tensor | None) -> None:
+        self.owners = dict(owners)
+        if pinned is None:  # CPU: the snapshot is already here
+            self.host, self.done = ws.snap.clone(), None
         else:
-            self.step()
+            self.host = pinned
+            pinned.copy_(ws.snap, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
 
-
-class _Timer:
-    """Wall time of a block, with the device synchronised at both ends."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.elapsed = 0.0
-
-    def __enter__(self) -> "_Timer":
-        self.sync()
-        self._t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.sync()
-        self.elapsed = time.perf_counter() - self._t
+    def wait(self) -> list[list[int]]:
+        """The snapshot, once it arrived: one list per slot."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class FastDecoder:
-    """Decodes ``FastRow``s with budget forcing through static slots (see the module docstring)."""
+    """Decodes ``Row``s with budget forcing through static slots (see the module docstring).
 
-    def __init__(self, model: Any, tokenizer: Any, pad_id: int, slots: int = 32, sync_every: int = 16,
+    The engine core calls ``advance(queue)``: controls (aborts, stop-thinking) and admissions are written between
+    chunks of ``sync_every`` steps, and each chunk's snapshot is published while the next chunk runs (on CUDA,
+    ``pipeline``): the host never waits for the GPU except to read a snapshot that is one chunk old.
+    ``length`` fixes the cache length (a server, where every request must fit); otherwise each idle period picks
+    one that fits what is queued.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, slots: int = 32, sync_every: int | None = None,
                  use_graphs: bool | None = None, compile: bool | None = None, seed: int | None = None,
-                 fuse: bool | None = None, split_attention: bool | None = None) -> None:
+                 fuse: bool | None = None, split_attention: bool | None = None, length: int | None = None,
+                 pipeline: bool | None = None) -> None:
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
         self.device = model.device
+        cuda = self.device.type == "cuda"
         self.dtype = next(model.parameters()).dtype
-        self.slots, self.sync_every = slots, sync_every
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.slots = slots
+        self.sync_every = sync_every or self.default_sync_every(self.device)
+        self.pipeline = cuda if pipeline is None else pipeline
+        self.length = length
+        self.use_graphs = cuda if use_graphs is None else use_graphs
         # torch.compile fuses the many small kernels of an eager decode step (norms, RoPE, activations),
         # which dominate at decode batch sizes; the compiled step is then captured in the CUDA graph.
         # S1KIT_COMPILE=0 skips it: a sweep over many budgets meets many cache shapes, and each costs a compile,
         # where the eager step in a CUDA graph is only ~10% slower per step.
         if compile is None:
-            compile = self.device.type == "cuda" and _switch_on("S1KIT_COMPILE")
+            compile = cuda and _switch_on("S1KIT_COMPILE")
         self.compile = compile
         if compile:  # one compiled graph per workspace shape; the default limit (8) would fall back to eager
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -283,25 +304,80 @@ class FastDecoder:
         self.reset_stats()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
-        self._ws: dict[tuple[int, int, bool, bool], _Workspace] = {}
+        self._ws: dict[tuple[int, int, bool], _Workspace] = {}
+        self.ws: _Workspace | None = None
+        self.owner: dict[int, Row] = {}  # slot -> the row decoding there
+        self._pending: _Chunk | None = None
+        self._pinned: list[torch.Tensor] = []
+        self._flip = 0
+        self._spans: list[tuple[str, Any, Any]] = []
         _register_attention()
+
+    @staticmethod
+    def default_sync_every(device: torch.device) -> int:
+        """Steps per chunk: 16 on a GPU; on a CPU every step is a sync anyway, so publish (and admit) after each."""
+        return 16 if device.type == "cuda" else 1
 
     def reset_stats(self) -> None:
         """Zero the counters: decode steps, decode/prefill seconds, rows, tokens and busy slot-steps."""
         self.stats = {"steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "rows": 0, "tokens": 0, "slot_steps": 0,
                       "busy_slot_steps": 0}
 
-    def _workspace(self, slots: int, length: int, sample: bool) -> _Workspace:
-        key = (slots, length, sample, self.forcing)
-        ws = self._ws.get(key)
-        if ws is None:
-            if len(self._ws) >= 2:  # keep memory bounded: drop the oldest shape
-                self._ws.pop(next(iter(self._ws)))
-            ws = self._ws[key] = _Workspace(self, slots, length, sample)
-            if self.use_graphs:
-                with self._attention():
-                    ws.capture()
-        return ws
+    @property
+    def idle(self) -> bool:
+        """No row holds a slot and nothing is left to publish."""
+        return not self.owner and self._pending is None
+
+    # -- the engine core's hooks -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def advance(self, queue: deque[Row]) -> list[Row]:
+        """Admit queued rows into free slots, run one chunk, publish the previous one (see the class)."""
+        if self.idle:
+            if not queue:
+                return []
+            self._choose_workspace(queue)
+        ws = self.ws
+        with self._attention():
+            self._admit(ws, queue)
+            chunk = None
+            if self.owner:
+                sample = any(r.request.sampling.temperature > 0 for r in self.owner.values())
+                with self._timed("decode_s"):
+                    ws.run_chunk(sample)
+                chunk = _Chunk(ws, self.owner, self._pinned_buffer(ws) if self.device.type == "cuda" else None)
+                self.stats["steps"] += ws.k
+                self.stats["slot_steps"] += ws.slots * ws.k
+                self.stats["busy_slot_steps"] += len(self.owner) * ws.k  # an upper bound: rows end inside
+            previous, self._pending = (self._pending, chunk) if self.pipeline else (chunk, None)
+            return self._publish(ws, previous) if previous is not None else []
+
+    def reset(self) -> None:
+        """Forget every row (after a failure); the next admission starts from an idle workspace."""
+        self.owner.clear()
+        self._pending = None
+
+    @torch.inference_mode()
+    def cancel(self, row: Row) -> None:
+        """Free ``row``'s slot now; it emits nothing from the next chunk on."""
+        self.ws.tb.free(row.slot)
+        self.owner.pop(row.slot, None)
+
+    @torch.inference_mode()
+    def stop_thinking(self, row: Row) -> None:
+        """Close ``row``'s thinking at its next step: a zero cap, which the machine treats as the cap."""
+        self.ws.tb.cap[row.slot] = 0
+
+    def run(self, rows: Sequence[Row]) -> None:
+        """Decode token-id rows to the end without an engine core (benchmarks and tests): fills ``row.trace``."""
+        queue, left = deque(rows), set(rows)
+        while left:
+            for r in self.advance(queue):
+                if r.trace.finish_reason is not None:
+                    r.done, r.slot = True, None
+                    left.discard(r)
+
+    # -- inside ------------------------------------------------------------------------------------------
 
     @contextmanager
     def _attention(self) -> Iterator[None]:
@@ -316,71 +392,112 @@ class FastDecoder:
         finally:
             cfg._attn_implementation = old
 
-    @torch.inference_mode()
-    def run(self, rows: Sequence[FastRow], on_progress: Callable[[int], None] | None = None) -> None:
-        """Decode every row, filling ``row.trace``; rows share slots, refilled as others finish."""
-        if not rows:
+    @contextmanager
+    def _timed(self, stat: str) -> Iterator[None]:
+        """Add the block's device time to ``stats[stat]``: at once on a CPU, through CUDA events (read once they
+        completed, at a later publish) on a GPU, so that timing never makes the host wait."""
+        if self.device.type != "cuda":
+            t = time.perf_counter()
+            yield
+            self.stats[stat] += time.perf_counter() - t
             return
-        sample = any(r.temperature > 0 for r in rows)
-        slots = min(self.slots, len(rows))
-        if self.use_graphs:  # power-of-two slot counts: fewer shapes to capture (and compile) across calls
-            slots = min(self.slots, 1 << (slots - 1).bit_length())
-        queue = deque(sorted(rows, key=lambda r: -len(r.prompt_ids)))
-        # Any row fits in any slot: the longest prompt, the longest generation, and the steps a finished row
-        # runs on until the next sync. Decode attends over every column, so length costs bandwidth each step;
-        # rounded so that shapes, and so captured (compiled) graphs, repeat across calls.
-        need = len(queue[0].prompt_ids) + max(r.max_new for r in rows) + self.sync_every
-        grain = 512 if self.compile else 64  # coarser when every new length means a new compile
-        ws = self._workspace(slots, -(-need // grain) * grain, sample)
-        with self._attention():
-            self._decode(ws, queue, on_progress)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._spans.append((stat, start, end))
 
-    def _decode(self, ws: _Workspace, queue: deque, on_progress: Callable[[int], None] | None) -> None:
+    def _read_spans(self) -> None:
+        keep = []
+        for stat, start, end in self._spans:
+            if end.query():
+                self.stats[stat] += start.elapsed_time(end) / 1e3
+            else:
+                keep.append((stat, start, end))
+        self._spans = keep
+
+    def _pinned_buffer(self, ws: _Workspace) -> torch.Tensor:
+        """One of two pinned host buffers for snapshots, taken in turn (one may still be read)."""
+        if not self._pinned or self._pinned[0].shape != ws.snap.shape:
+            self._pinned = [torch.empty(ws.snap.shape, dtype=ws.snap.dtype).pin_memory() for _ in range(2)]
+        self._flip ^= 1
+        return self._pinned[self._flip]
+
+    def _choose_workspace(self, queue: Sequence[Row], sample: set[bool] | None = None) -> None:
+        """A workspace every queued row fits (at the fixed length, if one was set), with the graphs it needs."""
+        if self.length is not None:
+            length, slots = self.length, self.slots
+        else:
+            slots = min(self.slots, len(queue))
+            if self.use_graphs:  # power-of-two slot counts: fewer shapes to capture (and compile) across calls
+                slots = min(self.slots, 1 << (slots - 1).bit_length())
+            # A row runs on for up to two chunks after it ended (the host learns of it a chunk late); decode
+            # attends over every column in use, so length costs bandwidth; rounded so that shapes, and so
+            # captured (compiled) graphs, repeat across calls.
+            need = max(self._need(r) for r in queue)
+            grain = 512 if self.compile else 64  # coarser when every new length means a new compile
+            length = -(-need // grain) * grain
+        key = (slots, length, self.forcing)
+        ws = self._ws.get(key)
+        if ws is None:
+            if len(self._ws) >= 2:  # keep memory bounded: drop the oldest shape
+                self._ws.pop(next(iter(self._ws)))
+            ws = self._ws[key] = _Workspace(self, slots, length)
+        self.ws = ws
         ws.mask.fill_(ws.neg)
-        ws.rec_kind.fill_(NONE)
         for s in range(ws.slots):
             ws.tb.free(s)
-        owner: dict[int, tuple[FastRow, int]] = {}  # slot -> (row, column where its generation starts)
-        timer = _Timer(self.device)
-        while True:
-            free = [s for s in range(ws.slots) if s not in owner]
-            take = [(free[i], queue.popleft()) for i in range(min(len(free), len(queue)))]
-            if take:  # refill every free slot at once: one prefill for all of them
-                width = max(len(r.prompt_ids) for _, r in take)
-                with _Timer(self.device) as t:
-                    self._prefill(ws, [s for s, _ in take], [r for _, r in take], width)
-                self.stats["prefill_s"] += t.elapsed
-                owner.update((s, (r, width)) for s, r in take)
-            if not owner:
-                return
-            with timer:
-                for _ in range(self.sync_every):
-                    ws.run_step()
-                phase, cols = torch.stack([ws.tb.phase, ws.kv.col]).tolist()  # the only host sync
-            self.stats["steps"] += self.sync_every
-            self.stats["decode_s"] += timer.elapsed
-            self.stats["slot_steps"] += ws.slots * self.sync_every
-            self.stats["busy_slot_steps"] += len(owner) * self.sync_every  # an upper bound: rows end inside
-            if not self.forcing:  # plain decoding ends each row at its budget
-                phase = [P_DONE if s in owner and cols[s] - owner[s][1] >= owner[s][0].max_new else ph
-                         for s, ph in enumerate(phase)]
-            finished = [s for s in owner if phase[s] == P_DONE]
-            for s in finished:
-                row, start = owner.pop(s)
-                self._collect(ws, s, row, start, cols[s])
-            if on_progress and finished:
-                on_progress(len(finished))
+        if self.use_graphs:
+            wanted = sample if sample is not None else {False} | {r.request.sampling.temperature > 0 for r in queue}
+            with self._attention():
+                for flag in wanted - ws.graphs.keys():
+                    ws.capture(flag)
 
-    def _prefill(self, ws: _Workspace, slots: list[int], rows: list[FastRow], width: int) -> None:
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """With a fixed ``length``: make the workspace and capture both steps (greedy and sampling) now, so that a
+        server takes any request at once, never waiting for an idle moment to capture."""
+        if self.length is None or not self.idle:
+            raise RuntimeError("warm_up needs a fixed length and an idle decoder")
+        self._choose_workspace([], sample={False, True})
+
+    def _need(self, row: Row) -> int:
+        return len(row.prepared.prompt_ids) + max_new_tokens(row) + 2 * self.sync_every
+
+    def _fits(self, ws: _Workspace, row: Row) -> bool:
+        sample = row.request.sampling.temperature > 0
+        return self._need(row) <= ws.length and (not self.use_graphs or sample in ws.graphs)
+
+    def _admit(self, ws: _Workspace, queue: deque[Row]) -> None:
+        """Prefill queued rows that fit into free slots (rows that do not fit wait for an idle period)."""
+        free = [s for s in range(ws.slots) if s not in self.owner]
+        take: list[Row] = []
+        for row in list(queue):
+            if len(take) == len(free):
+                break
+            if self._fits(ws, row):
+                queue.remove(row)
+                take.append(row)
+        if not take:  # rows that do not fit wait until the decoder is idle and picks a bigger workspace
+            return
+        slots = free[: len(take)]
+        with self._timed("prefill_s"):
+            self._prefill(ws, slots, take, max(len(r.prepared.prompt_ids) for r in take))
+        for s, r in zip(slots, take):
+            r.slot = s
+            self.owner[s] = r
+
+    def _prefill(self, ws: _Workspace, slots: list[int], rows: list[Row], width: int) -> None:
         """Run the prompts of ``rows`` (left-padded to ``width``) into columns [0, width) of ``slots``."""
         dev = self.device
         n = len(rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         valid = torch.zeros((n, width), dtype=torch.bool)
         for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            valid[i, width - len(r.prompt_ids):] = True
-        ids, valid = ids.to(dev), valid.to(dev)
+            p = r.prepared.prompt_ids
+            ids[i, width - len(p):] = torch.tensor(p)
+            valid[i, width - len(p):] = True
+        ids, valid = _on(dev, ids), _on(dev, valid)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
         allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
@@ -389,7 +506,7 @@ class FastDecoder:
         tmp = SlotCache(layers, n, kv, width, head_dim, self.dtype, dev)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=tmp, use_cache=True,
                          logits_to_keep=1)
-        idx = torch.tensor(slots, device=dev)
+        idx = _on(dev, torch.tensor(slots))
         for layer in range(layers):
             ws.kv.keys[layer][idx, :, :width] = tmp.keys[layer]
             ws.kv.values[layer][idx, :, :width] = tmp.values[layer]
@@ -399,27 +516,46 @@ class FastDecoder:
         ws.logits[idx] = out.logits[:, -1].float()
         ws.pos[idx] = valid.long().sum(-1)
         ws.kv.col[idx] = width
-        ws.rec_kind[idx] = NONE
+        sp = [r.request.sampling for r in rows]
+        ws.temp[idx] = _on(dev, torch.tensor([s.temperature for s in sp], dtype=torch.float32))
+        ws.top_k[idx] = _on(dev, torch.tensor([s.top_k for s in sp], dtype=torch.long))
+        ws.top_p[idx] = _on(dev, torch.tensor([s.top_p for s in sp], dtype=torch.float32))
         for s, r in zip(slots, rows):
-            ws.tb.load(s, r.policy, r.tokens, r.cap)
-            ws.temp[s], ws.top_k[s], ws.top_p[s] = r.temperature, r.top_k, r.top_p
+            ws.tb.load(s, r.request.policy, r.prepared.tokens, r.prepared.cap)
 
-    def _collect(self, ws: _Workspace, slot: int, row: FastRow, start: int, end: int) -> None:
-        toks = ws.rec_tok[slot, start:end].tolist()
-        kinds = ws.rec_kind[slot, start:end].tolist()
-        t = LoopTrace()
-        for tok, k in zip(toks, kinds):
-            if k == NONE:
-                break
-            t.token_ids.append(tok)
-            if k == THINK:
-                t.thinking_ids.append(tok)
-            elif k in (PREFIX, ANSWER):
-                t.answer_ids.append(tok)
-        t.waits_used = int(ws.tb.waits_used[slot])
-        t.hit_cap = bool(ws.tb.hit_cap[slot])
-        t.finish_reason = {1: "stop", 2: "length"}.get(int(ws.tb.finish[slot]))
-        row.trace = t
-        self.stats["rows"] += 1
-        self.stats["tokens"] += len(t.token_ids)
-        ws.tb.free(slot)
+
+    def _publish(self, ws: _Workspace, chunk: _Chunk) -> list[Row]:
+        """Append each slot's emitted tokens to its row's trace; end the rows that finished and free their slots."""
+        snap = chunk.wait()
+        self._read_spans()
+        k = ws.k
+        updated = []
+        for s, row in chunk.owners.items():
+            if row.done or row.slot != s:  # cancelled since the chunk was launched
+                continue
+            vals = snap[s]
+            t = row.trace
+            before = len(t.token_ids)
+            for tok, kind in zip(vals[:k], vals[k : 2 * k]):
+                if kind == NONE:  # the slot was idle at that step (its row had ended)
+                    continue
+                t.token_ids.append(tok)
+                if kind == THINK:
+                    t.thinking_ids.append(tok)
+                elif kind in (PREFIX, ANSWER):
+                    t.answer_ids.append(tok)
+            phase, finish, t.waits_used, hit_cap = vals[2 * k :]
+            t.hit_cap = bool(hit_cap)
+            if not self.forcing and len(t.token_ids) >= max_new_tokens(row):  # plain decoding ends at the budget
+                del t.token_ids[max_new_tokens(row):]
+                del t.thinking_ids[max_new_tokens(row):]
+                phase, finish = P_DONE, F_LENGTH
+                ws.tb.free(s)
+            if phase == P_DONE:
+                t.finish_reason = "stop" if finish == F_STOP else "length"
+                self.owner.pop(s, None)
+                self.stats["rows"] += 1
+                self.stats["tokens"] += len(t.token_ids)
+            if len(t.token_ids) > before or t.finish_reason is not None:
+                updated.append(row)
+        return updated

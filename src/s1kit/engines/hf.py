@@ -1,37 +1,27 @@
-"""In-process transformers engine: single-pass batched budget forcing over one KV cache.
+"""In-process transformers engine: an engine core (``core.py``) over one of two decoders.
 
-Per batch: left-padded prompts, one prefill, one decode loop. Each step the model proposes a token for
-every row and the row's ``BudgetState`` says what to emit (a forced token simply replaces the sample);
-rows that finish are dropped from the batch and the cache. The same code runs on CPU and CUDA.
+- ``FastDecoder`` (``fast.py``, the default on CUDA): static slots, one CUDA graph per step, the budget machine
+  as tensors, pipelined publishing.
+- ``LoopDecoder`` (here, the default on a CPU, and for models the fast path cannot take): the active rows share
+  one ``DynamicCache``, left-padded; each step the model proposes a token for every row and the row's
+  ``BudgetState`` says what to emit (a forced token replaces the sample). Rows that finish leave the batch and
+  the cache; queued rows are prefilled apart and merged in, so the batch stays full.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections import deque
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..budget import BudgetState
-from ..formats import render_prompt
-from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap, make_completion
-
-
-# on_emit(request_index, sample_index, state) -> False to cancel that sequence
-OnEmit = Callable[[int, int, BudgetState], "bool | None"]
-
-
-@dataclass
-class _Row:
-    request_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    state: BudgetState
-    sampling: SamplingParams
-    generator: torch.Generator | None
+from .base import Completion, ForcingCompiler, Request, SamplingParams
+from .core import EngineCore, Row
 
 
 def _generation_eos(model: Any) -> list[int]:
@@ -41,10 +31,24 @@ def _generation_eos(model: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-class HFEngine:
-    """Budget forcing with a transformers causal LM in this process (CPU or GPU)."""
+def fast_path_refusal(model: Any) -> str | None:
+    """Why the fast path cannot take ``model`` (sliding-window or non-attention layers), or None."""
+    kinds = set(getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "layer_types", None) or ())
+    if kinds - {"full_attention"}:
+        return f"layer types {sorted(kinds - {'full_attention'})} need their own caches"
+    return None
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, fast: bool | None = None) -> None:
+
+class HFEngine(EngineCore):
+    """Budget forcing with a transformers causal LM in this process (CPU or GPU).
+
+    ``batch_size`` rows decode together. ``fast`` picks the decoder (default: the fast path on CUDA).
+    ``max_model_len`` fixes the fast path's cache length (a server: requests that cannot fit are refused up
+    front); by default each idle period sizes it to what is queued."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, fast: bool | None = None,
+                 max_model_len: int | None = None) -> None:
+        super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -53,146 +57,213 @@ class HFEngine:
         self.compile = ForcingCompiler(tokenizer, _generation_eos(model))
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._warpers: dict[SamplingParams, LogitsProcessorList] = {}
-        # The fast path (static slots, CUDA graphs, continuous batching): default on CUDA.
-        self.fast = model.device.type == "cuda" if fast is None else fast
-        self._fast: Any = None
+        self.fast = model.device.type == "cuda" and fast_path_refusal(model) is None if fast is None else fast
+        self.max_model_len: int | None = None
+        self._decoder: Any = None
+        if max_model_len is not None:
+            self._fix_length(max_model_len)
 
     @classmethod
     def load(cls, ref: str, device: str | None = None, dtype: Any = None, batch_size: int = 32,
-             fast: bool | None = None) -> "HFEngine":
+             fast: bool | None = None, max_model_len: int | None = None) -> "HFEngine":
         """Load a model reference (see ``s1kit.models.load_model``) into an engine."""
         from ..models import load_model
 
         model, tokenizer = load_model(ref, device=device, dtype=dtype)
-        return cls(model, tokenizer, batch_size=batch_size, fast=fast)
+        return cls(model, tokenizer, batch_size=batch_size, fast=fast, max_model_len=max_model_len)
 
     @property
     def device(self) -> torch.device:
         """The model's device."""
         return self.model.device
 
-    def prepare(self, request: Request) -> tuple[list[int], Any, int | None]:
-        """Prompt ids, compiled forcing tokens and effective cap of a request (validates the format)."""
-        text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        tokens = self.compile(request.format, request.policy)
-        return ids, tokens, context_cap(request.policy, tokens, len(ids), self.max_context)
+    @property
+    def decoder(self) -> Any:
+        """The decoder behind the core, made on first use."""
+        if self._decoder is None:
+            if self.fast:
+                from .fast import FastDecoder
 
-    def generate(
-        self,
-        requests: Sequence[Request],
-        on_progress: Callable[[int], None] | None = None,
-        on_emit: OnEmit | None = None,
-    ) -> list[Completion]:
-        """Completions for ``requests``, ``n`` per request, in request order.
+                self._decoder = FastDecoder(self.model, self.tokenizer, self.pad_id, slots=self.batch_size,
+                                            length=self.max_model_len)
+            else:
+                self._decoder = LoopDecoder(self)
+        return self._decoder
 
-        ``on_emit(request_index, sample_index, state)`` runs after every emitted token (streaming); if it
-        returns ``False`` the sequence is cancelled at once (``finish_reason == "cancelled"``).
-        """
-        if self.fast and on_emit is None and all(r.policy.max_thinking_tokens is not None for r in requests):
-            return self._generate_fast(requests, on_progress)
-        rows: list[_Row] = []
-        prompt_lens = []
-        for ri, req in enumerate(requests):
-            ids, tokens, cap = self.prepare(req)
-            prompt_lens.append(len(ids))
-            base_seed = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
-            for si in range(req.sampling.n):
-                gen = None
-                if not req.sampling.greedy:
-                    gen = torch.Generator(device=self.device).manual_seed(base_seed + si)
-                rows.append(_Row(ri, si, ids, BudgetState(req.policy, tokens, cap), req.sampling, gen))
-        # Similar lengths together: less padding per batch.
-        order = sorted(rows, key=lambda r: -len(r.prompt_ids))
-        for start in range(0, len(order), self.batch_size):
-            self._decode(order[start : start + self.batch_size], on_progress, on_emit)
-        return [
-            make_completion(r.state, self.tokenizer, requests[r.request_index], prompt_lens[r.request_index],
-                            r.request_index, r.sample_index)
-            for r in rows
-        ]
+    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
+                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Completions for ``requests`` (see ``EngineCore.generate``); fast-path sampling is seeded per call."""
+        seeds = [r.sampling.seed for r in requests if r.sampling.seed is not None]
+        if self.fast and seeds and not self.has_work:
+            self.decoder.generator.manual_seed(seeds[0])
+        return super().generate(requests, on_progress, on_complete)
+
+    def _fix_length(self, max_model_len: int) -> None:
+        """One cache length for every request: prompts that cannot fit it are refused by ``prepare``."""
+        self.max_model_len = max_model_len
+        room = max_model_len
+        if self.fast:  # a row runs on for up to two chunks after it ended: keep room for them
+            from .fast import FastDecoder
+
+            room -= 2 * FastDecoder.default_sync_every(self.model.device)
+            if self._decoder is not None:
+                self._decoder.length = max_model_len
+        self.max_context = min(self.max_context or room, room)
+
+    def warm_up(self) -> None:
+        """Get ready to serve: on the fast path, fix the cache length (``max_model_len``, default the model's
+        context) and compile and capture its steps now rather than during the first requests."""
+        if self.fast:
+            if self.max_model_len is None:
+                self._fix_length(self.max_context or 4096)
+            self.decoder.warm_up()
 
     def fast_stats(self) -> dict | None:
         """The fast path's counters since it started (steps, seconds, rows, tokens, slot use); None if unused."""
-        return dict(self._fast.stats) if self._fast is not None else None
+        return dict(self._decoder.stats) if self.fast and self._decoder is not None else None
 
-    def _generate_fast(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None) -> list[Completion]:
-        """The fast path: every request has a thinking cap, so each row's cache needs are bounded."""
-        from .fast import FastDecoder, FastRow
+    def fail(self, error: BaseException) -> None:
+        """End every row with ``error`` and start the decoder afresh (its state may be half-updated)."""
+        super().fail(error)
+        if self._decoder is not None:
+            self._decoder.reset()
 
-        if self._fast is None:
-            self._fast = FastDecoder(self.model, self.tokenizer, self.pad_id, slots=self.batch_size)
-        seeds = [r.sampling.seed for r in requests if r.sampling.seed is not None]
-        if seeds:  # fast-path sampling is seeded per call, not per row
-            self._fast.generator.manual_seed(seeds[0])
-        rows, index, prompt_lens = [], [], []
-        for ri, req in enumerate(requests):
-            ids, tokens, cap = self.prepare(req)
-            prompt_lens.append(len(ids))
-            sp = req.sampling
-            for si in range(sp.n):
-                rows.append(FastRow(ids, req.policy, tokens, cap, sp.temperature, sp.top_k, sp.top_p))
-                index.append((ri, si))
-        self._fast.run(rows, on_progress)
-        return [make_completion(row.trace, self.tokenizer, requests[ri], prompt_lens[ri], ri, si)
-                for row, (ri, si) in zip(rows, index)]
+    def _advance(self, queue: deque[Row]) -> list[Row]:
+        return self.decoder.advance(queue)
 
-    def _propose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _cancel(self, row: Row) -> None:
+        self.decoder.cancel(row)
+
+    def _stop_thinking(self, row: Row) -> None:
+        self.decoder.stop_thinking(row)
+
+
+class _Place:
+    """A row's place in the loop's batch: its sampling generator (None for greedy)."""
+
+    __slots__ = ("generator",)
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+
+
+class LoopDecoder:
+    """The plain loop (see the module docstring); ``BudgetState`` steps every row on the host."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine, self.model = engine, engine.model
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.attn = self.next_pos = self.logits = None
+        self._warpers: dict[SamplingParams, LogitsProcessorList] = {}
+
+    @torch.inference_mode()
+    def advance(self, queue: deque[Row]) -> list[Row]:
+        """Admit queued rows while there is room, then one step for every row."""
+        room = self.engine.batch_size - len(self.rows)
+        if queue and room > 0 and (not self.rows or self._mergeable()):
+            self._join([queue.popleft() for _ in range(min(room, len(queue)))])
+        if not self.rows:
+            return []
+        rows = list(self.rows)
+        emitted = [r.trace.step(p) for r, p in zip(rows, self._propose(self.logits, rows))]
+        keep = [i for i, r in enumerate(rows) if not r.trace.done]
+        if len(keep) < len(rows):
+            self._select(keep)
+        if self.rows:
+            step_ids = torch.tensor([emitted[i] for i in keep], device=self.engine.device).unsqueeze(1)
+            self.attn = torch.cat([self.attn, self.attn.new_ones((len(self.rows), 1))], dim=1)
+            out = self.model(input_ids=step_ids, attention_mask=self.attn, position_ids=self.next_pos,
+                             past_key_values=self.cache, use_cache=True)
+            self.logits = out.logits[:, -1, :].float()
+            self.next_pos = self.next_pos + 1
+        return rows
+
+    def reset(self) -> None:
+        """Forget every row (after a failure)."""
+        self.rows = []
+        self.cache = self.attn = self.next_pos = self.logits = None
+
+    @torch.inference_mode()
+    def cancel(self, row: Row) -> None:
+        """Drop ``row`` from the batch and the cache."""
+        self._select([i for i, r in enumerate(self.rows) if r is not row])
+
+    def stop_thinking(self, row: Row) -> None:
+        """Close ``row``'s thinking at its next step."""
+        row.trace.stop_thinking()
+
+    def _mergeable(self) -> bool:
+        """Whether queued rows can join a running batch: every cache layer is a plain growing K/V."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def _join(self, new: list[Row]) -> None:
+        """Prefill ``new`` rows (left-padded) and merge them into the running batch."""
+        dev = self.engine.device
+        for r in new:
+            p = r.prepared
+            r.trace = BudgetState(r.request.policy, p.tokens, p.cap)
+            greedy = r.request.sampling.greedy
+            r.slot = _Place(None if greedy else torch.Generator(device=dev).manual_seed(r.seed))
+        width = max(len(r.prepared.prompt_ids) for r in new)
+        ids = torch.full((len(new), width), self.engine.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):
+            p = r.prepared.prompt_ids
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits, next_pos = out.logits[:, -1, :].float(), pos[:, -1:] + 1
+        if not self.rows:
+            self.cache, self.attn, self.next_pos, self.logits = cache, attn, next_pos, logits
+        else:  # pad the shorter side on the left to a common length, then stack the rows
+            t_old, t_new = self.attn.shape[1], width
+            w = max(t_old, t_new)
+            for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+                for name in ("keys", "values"):
+                    a = F.pad(getattr(old_layer, name), (0, 0, w - t_old, 0))
+                    b = F.pad(getattr(new_layer, name), (0, 0, w - t_new, 0))
+                    setattr(old_layer, name, torch.cat([a, b]))
+            self.attn = torch.cat([F.pad(self.attn, (w - t_old, 0)), F.pad(attn, (w - t_new, 0))])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += new
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` in the batch and the cache; drop columns every remaining row pads."""
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.attn = self.next_pos = self.logits = None
+            return
+        idx = torch.tensor(keep, device=self.engine.device)
+        self.cache.batch_select_indices(idx)
+        self.attn, self.next_pos, self.logits = self.attn[idx], self.next_pos[idx], self.logits[idx]
+        first = int(self.attn.any(0).long().argmax())  # leading columns that are padding for every row
+        if first > 0 and self._mergeable():
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.attn = self.attn[:, first:]
+
+    def _propose(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
-            if r.generator is None or r.state.next_is_forced:
+            gen = r.slot.generator
+            if gen is None or r.trace.next_is_forced:
                 continue  # greedy, or the proposal would be thrown away
-            warp = self._warpers.get(r.sampling)
+            warp = self._warpers.get(r.request.sampling)
             if warp is None:
-                sp = r.sampling
+                sp = r.request.sampling
                 warp = LogitsProcessorList([TemperatureLogitsWarper(sp.temperature)])
                 if sp.top_k:
                     warp.append(TopKLogitsWarper(sp.top_k))
                 if sp.top_p < 1:
                     warp.append(TopPLogitsWarper(sp.top_p))
-                self._warpers[r.sampling] = warp
+                self._warpers[sp] = warp
             scores = warp(None, logits[i : i + 1].clone())
             probs = torch.softmax(scores, dim=-1)
-            greedy[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+            greedy[i] = int(torch.multinomial(probs, 1, generator=gen))
         return greedy
-
-    @torch.inference_mode()
-    def _decode(self, rows: list[_Row], on_progress: Callable[[int], None] | None, on_emit: OnEmit | None) -> None:
-        dev = self.device
-        width = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            attn[i, width - len(r.prompt_ids) :] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        next_pos = pos[:, -1:] + 1
-        active = list(rows)
-        while True:
-            logits = out.logits[:, -1, :].float()
-            emitted = [r.state.step(p) for r, p in zip(active, self._propose(logits, active))]
-            if on_emit is not None:
-                for r in active:
-                    if on_emit(r.request_index, r.sample_index, r.state) is False and not r.state.done:
-                        r.state.cancel()
-            keep = [i for i, r in enumerate(active) if not r.state.done]
-            if on_progress and len(keep) < len(active):
-                on_progress(len(active) - len(keep))
-            if not keep:
-                return
-            if len(keep) < len(active):  # finished rows leave the batch and the cache
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                attn, next_pos = attn[idx], next_pos[idx]
-                active = [active[i] for i in keep]
-                emitted = [emitted[i] for i in keep]
-            attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
-            step_ids = torch.tensor(emitted, device=dev).unsqueeze(1)
-            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                             use_cache=True)
-            next_pos = next_pos + 1

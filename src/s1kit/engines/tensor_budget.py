@@ -79,12 +79,19 @@ class TensorBudget:
             s_len[i] = len(seq)
             for j, (t, k) in enumerate(seq):
                 s_tok[i, j], s_kind[i, j] = t, k
-        self.s_tok[slot], self.s_kind[slot], self.s_len[slot] = s_tok, s_kind, s_len
         stop = torch.full((self.stop_set.shape[1],), -1, dtype=torch.long)
         stop[: len(tokens.stop_ids)] = torch.tensor(sorted(tokens.stop_ids))
         end = torch.full((self.end_set.shape[1],), -1, dtype=torch.long)
         end[: len(tokens.end_ids)] = torch.tensor(sorted(tokens.end_ids))
-        self.stop_set[slot], self.end_set[slot] = stop, end
+        # One host->device copy, without a sync (pinned memory, in stream order): the fast path loads rows
+        # between chunks while the GPU still decodes.
+        packed = torch.cat([s_tok.flatten(), s_kind.flatten(), s_len, stop, end])
+        if self.device.type == "cuda":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        p_tok, p_kind, p_len, p_stop, p_end = packed.split([s_tok.numel(), s_kind.numel(), len(s_len), len(stop),
+                                                            len(end)])
+        self.s_tok[slot], self.s_kind[slot] = p_tok.view_as(s_tok), p_kind.view_as(s_kind)
+        self.s_len[slot], self.stop_set[slot], self.end_set[slot] = p_len, p_stop, p_end
         cap = policy.max_thinking_tokens if cap is None else cap
         vals = {
             "phase": P_THINK, "n_think": 0, "waits_used": 0, "n_answer": 0, "finish": F_NONE,

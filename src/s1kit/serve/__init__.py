@@ -1,7 +1,7 @@
 """OpenAI-compatible server with per-request thinking budgets (``s1kit serve``)."""
 
 from .app import create_app
-from .batcher import Batcher, Job
 from .schemas import EFFORT_BUDGETS
+from .worker import EngineWorker, Job
 
-__all__ = ["Batcher", "EFFORT_BUDGETS", "Job", "create_app"]
+__all__ = ["EFFORT_BUDGETS", "EngineWorker", "Job", "create_app"]

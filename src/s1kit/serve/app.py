@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException
 
 from ..engines.base import Completion, Engine, Request
 from ..formats import ThinkingFormat, get_format
-from .batcher import Batcher, Delta, Job, JobError
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .worker import Delta, EngineWorker, Job, JobError
 
 GenerationRequest = Union[ChatCompletionRequest, CompletionRequest]
 _DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
@@ -73,46 +73,66 @@ def _thinking_stats(c: Completion) -> dict:
 
 
 class _Api:
-    """Request handling shared by the routes: budgets in, batcher, OpenAI-shaped responses out."""
+    """Request handling shared by the routes: budgets in, the engine worker, OpenAI-shaped responses out."""
 
-    def __init__(self, engine: Engine, model_name: str, fmt: ThinkingFormat, max_batch_size: int) -> None:
+    def __init__(self, engine: Engine, model_name: str, fmt: ThinkingFormat) -> None:
         self.engine, self.model_name, self.fmt = engine, model_name, fmt
-        self.max_batch_size = max_batch_size
-        self.batcher: Batcher | None = None
+        self.worker: EngineWorker | None = None
+        self.running: dict[str, Job] = {}  # response id and X-Request-Id -> job, while it runs
         self.created = int(time.time())
 
     async def serve(self, body: GenerationRequest, http: HTTPRequest) -> Any:
         if body.model != self.model_name:
             return _error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                           param="model", code="model_not_found")
-        if self.batcher is None:
+        if self.worker is None:
             return _error(503, "the server is not ready", "server_error")
         chat = isinstance(body, ChatCompletionRequest)
         policy, sampling = body.policy(), body.sampling()
         job = Job([Request(p, policy, self.fmt, sampling) for p in body.prompts()], stream=body.stream)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        ids = [rid] + [i for i in [http.headers.get("x-request-id")] if i and i not in self.running]
+        self.running.update((i, job) for i in ids)
+        streaming = False
         try:
-            self.batcher.submit(job)
+            self.worker.submit(job)
             # Wait for the first event even when streaming, so that a bad request (e.g. a prompt too long
             # for the context) is answered with its HTTP status instead of an error inside a 200 stream.
             event = await self._next(job, http)
             if isinstance(event, JobError):
                 raise event
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             if body.stream:
-                return StreamingResponse(self._sse(job, event, body, rid, chat), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                streaming = True
+                return StreamingResponse(self._sse(job, event, body, rid, chat, ids), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                  "X-Request-Id": ids[-1]})
             while not isinstance(event, list):
                 event = await self._next(job, http)
                 if isinstance(event, JobError):
                     raise event
-            return JSONResponse(self._response(event, rid, chat))
+            return JSONResponse(self._response(event, rid, chat), headers={"X-Request-Id": ids[-1]})
         except JobError as e:
             return _error(e.status, e.message, e.kind)
         except _ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it
         finally:
-            if not job.finished and not body.stream:
-                job.cancel()
+            if not streaming:
+                self._done(job, ids)
+
+    def _done(self, job: Job, ids: list[str]) -> None:
+        """The handler is done with ``job``: forget its ids, and stop its work if it still runs."""
+        for i in ids:
+            self.running.pop(i, None)
+        if not job.finished and self.worker is not None:
+            self.worker.cancel(job)
+
+    def stop_thinking(self, request_id: str) -> Any:
+        """Close the thinking of a running request now (the answer opener and prefix are forced next)."""
+        job = self.running.get(request_id)
+        if job is None or self.worker is None:
+            return _error(404, f"no running request with id {request_id!r}", code="request_not_found")
+        self.worker.stop_thinking(job)
+        return {"id": request_id, "object": "thinking.stop", "stopped": True}
 
     async def _next(self, job: Job, http: HTTPRequest) -> Any:
         """The job's next event; cancels the job and raises ``_ClientGone`` if the client disconnects."""
@@ -121,7 +141,6 @@ class _Api:
                 return await asyncio.wait_for(job.next_event(), _DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
-                    job.cancel()
                     raise _ClientGone from None
 
     def _response(self, completions: list[Completion], rid: str, chat: bool) -> dict:
@@ -136,7 +155,8 @@ class _Api:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": _usage(completions)}
 
-    async def _sse(self, job: Job, first: Any, body: GenerationRequest, rid: str, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, job: Job, first: Any, body: GenerationRequest, rid: str, chat: bool,
+                   ids: list[str]) -> AsyncIterator[str]:
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": self.model_name}
@@ -176,9 +196,8 @@ class _Api:
                     break
                 event = await job.next_event()
             yield "data: [DONE]\n\n"
-        finally:
-            if not job.finished:  # the client went away mid-stream: stop spending work on it
-                job.cancel()
+        finally:  # also when the client went away mid-stream: then its work stops
+            self._done(job, ids)
 
 
 class _BearerAuth:
@@ -199,22 +218,19 @@ class _BearerAuth:
 
 
 def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | None = None,
-               max_batch_size: int = 16, format: str | ThinkingFormat = "s1", batch_window_s: float = 0.005) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token.
-
-    ``batch_window_s``: how long a request arriving at an idle server waits for others to share its batch.
-    """
-    api = _Api(engine, model_name, get_format(format), max_batch_size)
+               format: str | ThinkingFormat = "s1") -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token."""
+    api = _Api(engine, model_name, get_format(format))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        api.batcher = Batcher(engine, max_batch_size=max_batch_size, window_s=batch_window_s)
-        app.state.batcher = api.batcher
+        api.worker = EngineWorker(engine)
+        app.state.worker = api.worker
         try:
             yield
         finally:
-            batcher, api.batcher = api.batcher, None
-            await asyncio.to_thread(batcher.close)
+            worker, api.worker = api.worker, None
+            await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="s1kit", description="OpenAI-compatible API with per-request thinking budgets",
                   lifespan=lifespan)
@@ -232,10 +248,10 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
 
     @app.get("/health")
     async def health() -> dict:
-        """Liveness and batching counters."""
-        b = api.batcher
-        stats = dict(b.stats, queued=b.queued) if b else {}
-        return {"status": "ok" if b else "starting", "model": model_name, "max_batch_size": max_batch_size, **stats}
+        """Liveness and the engine worker's counters (requests, running, completed, cancelled, tokens)."""
+        w = api.worker
+        stats = dict(w.stats, queued=w.queued) if w else {}
+        return {"status": "ok" if w else "starting", "model": model_name, **stats}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -252,5 +268,12 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
         """Text completion of a prompt sent as a user message; ``reasoning_content`` holds the thinking."""
         return await api.serve(body, http)
+
+    @app.post("/v1/requests/{request_id}/stop_thinking")
+    async def stop_thinking(request_id: str) -> Any:
+        """Stop a running request's thinking now: its answer opener and answer prefix are forced at its next step,
+        exactly as at its thinking cap. ``request_id`` is the response's ``id`` (the first streamed chunk has it)
+        or the ``X-Request-Id`` header the client sent."""
+        return api.stop_thinking(request_id)
 
     return app

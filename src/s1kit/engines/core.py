@@ -1,0 +1,244 @@
+"""The engine core that every entry point uses: requests in, rows decoded together, completions out.
+
+A core lives as long as the process. ``add`` queues a request (its ``n`` samples become rows), ``step``
+advances every active row and publishes what each emitted, ``abort`` ends a request at once and
+``stop_thinking`` makes it close its thinking at the next step exactly as a cap would. A finished or
+aborted row frees its place at once and a queued row takes it (continuous admission). ``generate`` — the
+CLI, the Python API, sweeps and curation — is a thin loop over these; the server calls them directly from
+one worker thread. Every callback runs on the thread that calls ``step``.
+
+Backends (the hf plain loop, the hf fast path, the remote engine) implement three hooks: ``_advance``
+(admit queued rows, decode, publish), ``_cancel`` and ``_stop_thinking``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any, Callable, NamedTuple, Sequence
+
+from ..budget import ForcingTokens
+from ..formats import render_prompt
+from .base import Completion, Request, SamplingParams, context_cap, make_completion
+from .reference import LoopTrace
+
+
+class Prepared(NamedTuple):
+    """A request made ready for decoding: prompt ids, compiled forcing tokens and the effective thinking cap."""
+
+    prompt_ids: list[int]
+    tokens: ForcingTokens
+    cap: int | None
+
+
+class Row:
+    """One sequence, one sample of a request: the row type every backend decodes.
+
+    ``trace`` holds what the row emitted so far (``thinking_ids``, ``answer_ids``, ``token_ids``, ``waits_used``,
+    ``hit_cap``, ``finish_reason``): the backend's ``BudgetState`` on the plain loop, a ``LoopTrace`` filled from
+    the device's records on the fast path and from server answers on the remote engine.
+    """
+
+    __slots__ = ("handle", "sample_index", "seed", "trace", "done", "completion", "slot")
+
+    def __init__(self, handle: "Handle", sample_index: int, seed: int) -> None:
+        self.handle = handle
+        self.sample_index = sample_index
+        self.seed = seed
+        self.trace: Any = LoopTrace()
+        self.done = False
+        self.completion: Completion | None = None
+        self.slot: Any = None  # the backend's place for the row while it decodes
+
+    @property
+    def request(self) -> Request:
+        """The request this row samples."""
+        return self.handle.request
+
+    @property
+    def prepared(self) -> Prepared:
+        """Prompt ids, forcing tokens and cap of the request."""
+        return self.handle.prepared
+
+
+def token_rows(prompts: Sequence[Sequence[int]], policy: Any, tokens: ForcingTokens,
+               sampling: SamplingParams | None = None) -> list[Row]:
+    """Rows straight from token ids, for a decoder driven without a core (benchmarks, tests: no tokenizer)."""
+    request = Request("", policy, sampling=sampling or SamplingParams())
+    return [Handle(request, Prepared(list(p), tokens, None), 0, None, 0).rows[0] for p in prompts]
+
+
+# on_update(row): the row published tokens, or finished (then ``row.done`` and ``row.completion`` are set)
+OnUpdate = Callable[[Row], None]
+
+
+class Handle:
+    """A request inside an engine core: its rows, its listener, and its completions once every row ended."""
+
+    def __init__(self, request: Request, prepared: Prepared, request_index: int, on_update: OnUpdate | None,
+                 seed: int) -> None:
+        self.request, self.prepared, self.request_index = request, prepared, request_index
+        self.on_update = on_update
+        self.rows = [Row(self, si, seed + si) for si in range(request.sampling.n)]
+        self.error: BaseException | None = None  # a backend failure that ended this request
+
+    @property
+    def done(self) -> bool:
+        """True once every row has ended (finished, aborted or failed)."""
+        return all(r.done for r in self.rows)
+
+    def completions(self) -> list[Completion]:
+        """The completions of every row, in sample order (raises the request's error if it failed)."""
+        if self.error is not None:
+            raise self.error
+        return [r.completion for r in self.rows]
+
+
+class EngineCore:
+    """add / step / abort / stop_thinking over rows, with ``generate`` as a loop over them (see the module)."""
+
+    tokenizer: Any
+    max_context: int | None = None
+
+    def __init__(self) -> None:
+        self._queue: deque[Row] = deque()  # rows waiting for a place, in admission order
+        self._live: set[Row] = set()  # rows queued or decoding
+        self.completed_rows = 0
+
+    # -- what backends provide ---------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def compile(self, fmt: Any, policy: Any) -> ForcingTokens:  # replaced by a ForcingCompiler in __init__
+        raise NotImplementedError
+
+    def _advance(self, queue: deque[Row]) -> list[Row]:
+        """Admit rows from ``queue`` where there is room, decode, and return the rows that published tokens or
+        ended (a row that ended has its ``trace.finish_reason`` set)."""
+        raise NotImplementedError
+
+    def _cancel(self, row: Row) -> None:
+        """Stop decoding ``row`` (it has a place) and free its place."""
+        raise NotImplementedError
+
+    def _stop_thinking(self, row: Row) -> None:
+        """Make ``row`` (it has a place) close its thinking at its next step, as at the cap."""
+        raise NotImplementedError
+
+    # -- the core --------------------------------------------------------------------------------------
+
+    def prepare(self, request: Request) -> Prepared:
+        """Prompt ids, forcing tokens and effective cap; ``S1KitError``/``ValueError`` if it cannot run."""
+        text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
+        ids = self.encode(text)
+        tokens = self.compile(request.format, request.policy)
+        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids), self.max_context))
+
+    def add(self, request: Request, on_update: OnUpdate | None = None, request_index: int = 0,
+            prepared: Prepared | None = None) -> Handle:
+        """Queue ``request`` (``n`` rows); ``on_update(row)`` is called as each row publishes tokens or ends."""
+        prepared = prepared or self.prepare(request)
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        handle = Handle(request, prepared, request_index, on_update, seed)
+        self._queue.extend(handle.rows)
+        self._live.update(handle.rows)
+        return handle
+
+    @property
+    def has_work(self) -> bool:
+        """True while any row is queued or decoding."""
+        return bool(self._live)
+
+    def step(self) -> None:
+        """Advance every active row (admitting queued ones first) and publish what each emitted."""
+        for row in self._advance(self._queue):
+            if row.done:
+                continue
+            if row.trace.finish_reason is not None:
+                self._finish(row)
+            elif row.handle.on_update is not None:
+                row.handle.on_update(row)
+
+    def abort(self, handle: Handle) -> None:
+        """End every row of ``handle`` now (``finish_reason == "cancelled"``); their places are freed."""
+        for row in handle.rows:
+            if row.done:
+                continue
+            if row.slot is not None:
+                self._cancel(row)
+            else:
+                try:
+                    self._queue.remove(row)
+                except ValueError:
+                    pass
+            row.trace.finish_reason = "cancelled"
+            self._finish(row)
+
+    def stop_thinking(self, handle: Handle) -> None:
+        """Make every row of ``handle`` stop thinking: the answer opener and prefix are forced at its next step,
+        exactly as at the thinking cap (a queued row stops as soon as it starts)."""
+        for row in handle.rows:
+            if not row.done and row.slot is not None:
+                self._stop_thinking(row)
+        # Rows still queued start with a zero cap: they close at their first step.
+        handle.prepared = handle.prepared._replace(cap=0)
+
+    def fail(self, error: BaseException) -> None:
+        """End every queued and decoding row with ``error`` (the backend cannot go on with them)."""
+        self._queue.clear()
+        for row in list(self._live):
+            if row.slot is not None:
+                try:
+                    self._cancel(row)
+                except Exception:  # noqa: BLE001 - the backend is already failing; free what can be freed
+                    pass
+            row.handle.error = row.handle.error or error
+            row.trace.finish_reason = row.trace.finish_reason or "error"
+            self._finish(row)
+
+    def _finish(self, row: Row) -> None:
+        row.slot = None
+        row.done = True
+        self._live.discard(row)
+        h = row.handle
+        row.completion = make_completion(row.trace, self.tokenizer, h.request, len(h.prepared.prompt_ids),
+                                         h.request_index, row.sample_index)
+        self.completed_rows += 1
+        if h.on_update is not None:
+            h.on_update(row)
+
+    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
+                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Completions for ``requests``, ``n`` per request, in request order: all of them or an error.
+
+        ``on_progress(k)`` counts finished sequences; ``on_complete(completion)`` receives each one as soon as it
+        ends (in any order). Every request is prepared (validated) before anything decodes."""
+        if self.has_work:
+            raise RuntimeError("generate() needs an idle engine core; a server drives it through add/step")
+        prepared = [self.prepare(r) for r in requests]
+
+        def listener(row: Row) -> None:
+            if row.done and row.handle.error is None:
+                if on_progress is not None:
+                    on_progress(1)
+                if on_complete is not None:
+                    on_complete(row.completion)
+
+        # Longest prompts first: fewer padding columns in shared prefills.
+        order = sorted(range(len(requests)), key=lambda i: -len(prepared[i].prompt_ids))
+        handles: list[Handle | None] = [None] * len(requests)
+        try:
+            for i in order:
+                handles[i] = self.add(requests[i], listener, i, prepared[i])
+            while self.has_work:
+                self.step()
+        except BaseException:
+            for h in handles:
+                if h is not None:
+                    self.abort(h)
+            raise
+        return [c for h in handles for c in h.completions()]
