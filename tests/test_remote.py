@@ -276,3 +276,36 @@ def test_killed_server_records_nothing_partial_and_a_rerun_completes(server, rem
     assert done[: len(kept)] == kept and len(done) == 12
     assert len({(d["setting"], d["item_id"]) for d in done}) == 12  # every (setting, item) once
     assert json.loads((out / "summary.json").read_text())["control"] == 1.0
+
+
+def test_s1kit_server_in_front_of_a_remote_engine(remote):
+    """`s1kit serve --engine remote`: the server's worker steps the remote engine's core like any other."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from s1kit.serve import create_app
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(remote, "smollm2-135m"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is 17*23?"}],
+                "max_tokens": 6, "temperature": 0, "thinking_budget": {"min_tokens": 20, "max_tokens": 20}}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300).json()
+        assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 20
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=300) as s:
+            chunks = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"])
+        assert text == r["choices"][0]["message"]["reasoning_content"]
+    finally:
+        srv.should_exit = True
+        thread.join(60)

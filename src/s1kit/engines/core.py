@@ -221,12 +221,18 @@ class EngineCore:
             raise RuntimeError("generate() needs an idle engine core; a server drives it through add/step")
         prepared = [self.prepare(r) for r in requests]
 
+        failed: list[BaseException] = []
+
         def listener(row: Row) -> None:
-            if row.done and row.handle.error is None:
-                if on_progress is not None:
-                    on_progress(1)
-                if on_complete is not None:
-                    on_complete(row.completion)
+            if not row.done:
+                return
+            if row.handle.error is not None:
+                failed.append(row.handle.error)
+                return
+            if on_progress is not None:
+                on_progress(1)
+            if on_complete is not None:
+                on_complete(row.completion)
 
         # Longest prompts first: fewer padding columns in shared prefills.
         order = sorted(range(len(requests)), key=lambda i: -len(prepared[i].prompt_ids))
@@ -234,8 +240,10 @@ class EngineCore:
         try:
             for i in order:
                 handles[i] = self.add(requests[i], listener, i, prepared[i])
-            while self.has_work:
+            while self.has_work and not failed:
                 self.step()
+            if failed:  # all or nothing: the first failure ends the call
+                raise failed[0]
         except BaseException:
             for h in handles:
                 if h is not None:

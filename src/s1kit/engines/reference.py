@@ -36,18 +36,28 @@ def stop_and_continue(
     complete: Complete,
     cap: int | None = None,
     unbounded: int = 1 << 30,
+    trace: LoopTrace | None = None,
+    on_call: Callable[[], None] | None = None,
+    close_thinking: Callable[[], bool] | None = None,
 ) -> LoopTrace:
-    """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window)."""
+    """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window).
+
+    ``trace`` is filled as the loop goes (``on_call()`` runs after each thinking call); once ``close_thinking()``
+    is true, thinking closes as at a cap of the tokens so far."""
     cap = policy.max_thinking_tokens if cap is None else cap
-    t = LoopTrace()
+    t = LoopTrace() if trace is None else trace
     prompt = list(prompt_ids)
     while True:
+        if close_thinking is not None and close_thinking():
+            cap = len(t.thinking_ids) if cap is None else min(cap, len(t.thinking_ids))
         remaining = unbounded if cap is None else cap - len(t.thinking_ids)
         if remaining <= 0:
             break
         out = complete(prompt + t.thinking_ids, remaining, tokens.stop_ids)
         stopped = bool(out) and out[-1] in tokens.stop_ids
         t.thinking_ids += out[:-1] if stopped else out
+        if on_call is not None:
+            on_call()
         if not stopped:
             if len(out) < remaining:  # the backend ended without a stop token: treat as a cap
                 break

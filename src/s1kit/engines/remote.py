@@ -15,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import random
 import threading
 import warnings
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from collections import deque
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from queue import Empty, SimpleQueue
+from typing import Any
 
 import httpx
 
 from ..errors import S1KitError
-from ..formats import render_prompt
-from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap, make_completion
+from .base import ForcingCompiler, SamplingParams
+from .core import EngineCore, Row
 from .reference import Complete, stop_and_continue
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -42,27 +42,17 @@ class _HTTPError(S1KitError):
 
 
 class _Aborted(Exception):
-    """Another sequence of the same ``generate`` call failed: stop this one quietly."""
-
-
-@dataclass
-class _Job:
-    request_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    tokens: Any
-    cap: int | None
-    sampling: SamplingParams
-    seed: int
+    """The row was aborted (its request was cancelled, or another row of a ``generate`` call failed)."""
 
 
 class _Run:
-    """The requests of one ``generate`` call, so that one failure cancels all the others at once."""
+    """One row's requests in flight, so that aborting the row cancels them at once."""
 
     def __init__(self, engine: "RemoteEngine") -> None:
         self.engine = engine
         self.lock = threading.Lock()
         self.aborted = False
+        self.close_thinking = False  # stop-thinking was asked: close after the call in flight
         self.pending: set[Future] = set()
 
     def post(self, url: str, body: dict, completion: bool = False) -> Any:
@@ -106,7 +96,7 @@ def load_tokenizer(ref: Any) -> Any:
     return tokenizer
 
 
-class RemoteEngine:
+class RemoteEngine(EngineCore):
     """Budget forcing against an OpenAI-compatible completions server at ``base_url`` (``.../v1``).
 
     ``model`` is the tokenizer source unless ``tokenizer`` is given, and the model name sent to the server
@@ -134,6 +124,10 @@ class RemoteEngine:
                 raise S1KitError(f"{name} must be an integer >= {low}, got {value!r}")
         if not timeout > 0:
             raise S1KitError(f"timeout must be > 0 seconds, got {timeout!r}")
+        super().__init__()
+        self._running: dict[Row, Future] = {}  # rows whose loop runs in a worker thread
+        self._events: SimpleQueue[tuple[Row, BaseException | None]] = SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s1kit-seq")
         self.base_url = base_url.rstrip("/")
         self.concurrency, self.retries, self.backoff = concurrency, retries, backoff
         self.in_flight = self.peak_in_flight = self.completions_sent = 0  # for tests and benchmarks
@@ -170,6 +164,9 @@ class RemoteEngine:
         """Close the HTTP connections and stop the event loop thread."""
         if self._loop.is_closed():
             return
+        for row in list(self._running):
+            self._cancel(row)
+        self._pool.shutdown(wait=True)
         if getattr(self, "_client", None) is not None:
             self._submit(self._client.aclose()).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -326,15 +323,16 @@ class RemoteEngine:
             "return_tokens": True,
         }
 
-    def _complete(self, run: _Run, job: _Job) -> Complete:
+    def _complete(self, run: _Run, row: Row) -> Complete:
         """The ``complete`` function of one sequence's s1 loop, over HTTP."""
         calls = itertools.count(1)
 
         def complete(ids: list[int], max_new: int, stop: frozenset[int]) -> list[int]:
             out: list[int] = []
             while True:  # a second call only when a text-only server's output re-tokenized short
-                seed = (job.seed + 7919 * next(calls)) % 2**31  # distinct per call, reproducible per sequence
-                new, stopped, exhausted = self._one_call(run, ids + out, max_new - len(out), stop, job.sampling, seed)
+                seed = (row.seed + 7919 * next(calls)) % 2**31  # distinct per call, reproducible per sequence
+                new, stopped, exhausted = self._one_call(run, ids + out, max_new - len(out), stop,
+                                                         row.request.sampling, seed)
                 out += new
                 if stopped or len(out) >= max_new or not new or not exhausted:
                     return out[:max_new]
@@ -419,50 +417,57 @@ class RemoteEngine:
                     return i
         return self._eos if self._eos in stop else min(stop)
 
-    # -- the Engine protocol -------------------------------------------------------------------------------
+    # -- the engine core's hooks: one worker thread per row in flight, at most ``concurrency`` ---------------
 
-    def prepare(self, request: Request) -> tuple[list[int], Any, int | None]:
-        """Prompt ids, compiled forcing tokens and effective cap of a request (validates the format)."""
-        text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
-        ids = self._encode(text)
-        tokens = self.compile(request.format, request.policy)
-        return ids, tokens, context_cap(request.policy, tokens, len(ids), self.max_context)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt (the local tokenizer, which the server shares)."""
+        return self._encode(text)
 
-    def generate(
-        self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None
-    ) -> list[Completion]:
-        """Completions for ``requests``, ``n`` per request, in request order: all of them or an error."""
-        jobs, prompt_lens = [], []
-        for ri, req in enumerate(requests):
-            ids, tokens, cap = self.prepare(req)
-            prompt_lens.append(len(ids))
-            base = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
-            # n samples are n seeded sequences: each continues from its own prefix
-            jobs += [_Job(ri, si, ids, tokens, cap, req.sampling, base + si) for si in range(req.sampling.n)]
-        run = _Run(self)
-        results: dict[int, Any] = {}
+    def _advance(self, queue: deque[Row]) -> list[Row]:
+        """Start queued rows while fewer than ``concurrency`` run; wait for at least one to make progress."""
+        while queue and len(self._running) < self.concurrency:
+            row = queue.popleft()
+            row.slot = run = _Run(self)
+            self._running[row] = self._pool.submit(self._run_row, row, run)
+        if not self._running:
+            return []
+        try:  # a short wait, so that whoever steps (a server's worker) also gets to take new requests
+            events = [self._events.get(timeout=0.05)]
+        except Empty:
+            return []
+        while not self._events.empty():
+            events.append(self._events.get())
+        updated = []
+        for row, error in events:
+            if row not in self._running:
+                continue  # aborted meanwhile
+            if error is not None:
+                row.handle.error = row.handle.error or error
+                row.trace.finish_reason = "error"
+            if row.trace.finish_reason is not None:
+                del self._running[row]
+            updated.append(row)
+        return updated
 
-        def one(k: int, job: _Job) -> None:
-            results[k] = stop_and_continue(job.prompt_ids, requests[job.request_index].policy, job.tokens,
-                                           self._complete(run, job), job.cap)
+    def _cancel(self, row: Row) -> None:
+        row.slot.cancel()
+        self._running.pop(row, None)
 
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="s1kit-seq") as pool:
-            futures = [pool.submit(one, k, job) for k, job in enumerate(jobs)]
-            try:
-                for f in as_completed(futures):
-                    f.result()
-                    if on_progress is not None:
-                        on_progress(1)
-            except BaseException:
-                run.cancel()  # fail fast: no new requests, open ones cancelled, queued sequences dropped
-                for f in futures:
-                    f.cancel()
-                raise
-        return [
-            make_completion(results[k], self.tokenizer, requests[j.request_index], prompt_lens[j.request_index],
-                            j.request_index, j.sample_index)
-            for k, j in enumerate(jobs)
-        ]
+    def _stop_thinking(self, row: Row) -> None:
+        row.slot.close_thinking = True
+
+    def _run_row(self, row: Row, run: _Run) -> None:
+        """A worker thread: the s1 loop of one row, reporting after each completion call."""
+        p = row.prepared
+        try:
+            stop_and_continue(p.prompt_ids, row.request.policy, p.tokens, self._complete(run, row), p.cap,
+                              trace=row.trace, on_call=lambda: self._events.put((row, None)),
+                              close_thinking=lambda: run.close_thinking)
+            self._events.put((row, None))
+        except _Aborted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - reported to the stepping thread, which fails the request
+            self._events.put((row, e))
 
 
 def _snippet(text: str, limit: int = 200) -> str:
