@@ -105,3 +105,46 @@ def test_generate_validates_every_request_before_decoding(core):
     with pytest.raises(S1KitError, match="does not fit"):
         core.generate([Request("Hi", exact(3)), Request("word " * 9000, exact(3))])
     assert not core.has_work
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU: run on the device machine")
+def test_gpu_core_joins_aborts_and_stops_inside_cuda_graphs():
+    """The pipelined fast path on CUDA (captured steps, pinned snapshots published a chunk late): budgets stay exact
+    for rows that join mid-decode, an abort frees its slot for a queued row, stop-thinking closes as a cap, and the
+    tokens published along the way are the completion's. A random Qwen2.5-0.5B architecture in bfloat16."""
+    import torch
+
+    from s1kit.bench import random_model, synthetic_tokens
+    from s1kit.engines.core import token_rows
+
+    torch.manual_seed(0)
+    model = random_model("qwen2.5-0.5b", "cuda", torch.bfloat16)
+    tokens = synthetic_tokens(model.config.vocab_size)
+    dec = FastDecoder(model, None, pad_id=0, slots=4, compile=False)
+    assert dec.pipeline and dec.sync_every == 16
+    rows = token_rows([torch.randint(100, 5000, (n,)).tolist() for n in (7, 90, 30, 64, 5, 12)],
+                      exact(150, answer=4), tokens)
+    stop = token_rows([[101, 102, 103]], BudgetPolicy(max_thinking_tokens=5000, max_answer_tokens=4), tokens)[0]
+    queue = __import__("collections").deque(rows[:4])
+    seen = {id(r): [] for r in rows + [stop]}
+    for _ in range(3):  # four rows decode; two more and the stop-row join below
+        for r in dec.advance(queue):
+            assert r.trace.token_ids[: len(seen[id(r)])] == seen[id(r)]
+            seen[id(r)] = list(r.trace.token_ids)
+    queue.extend(rows[4:] + [stop])
+    victim = rows[0]
+    dec.cancel(victim)
+    victim.done, victim.slot = True, None
+    pending = set(rows[1:] + [stop])
+    stopped_at = None
+    while pending:
+        for r in dec.advance(queue):
+            if r is stop and stopped_at is None and len(r.trace.thinking_ids) >= 40:
+                stopped_at = len(r.trace.thinking_ids)
+                dec.stop_thinking(r)
+            if r.trace.finish_reason is not None:
+                r.done, r.slot = True, None
+                pending.discard(r)
+    assert all(len(r.trace.thinking_ids) == 150 and r.trace.hit_cap for r in rows[1:])
+    assert stopped_at <= len(stop.trace.thinking_ids) <= stopped_at + 2 * dec.sync_every and stop.trace.hit_cap
+    assert dec.stats["rows"] == 6
