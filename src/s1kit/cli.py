@@ -390,8 +390,8 @@ def serve(
         try:
             import fastapi  # noqa: F401
             import uvicorn
-        except ImportError:
-            raise S1KitError("s1kit serve needs the serve extra: pip install 's1kit[serve]'") from None
+        except ImportError as e:
+            raise S1KitError(f"s1kit serve needs the serve extra ({e}): pip install 's1kit[serve]'") from None
         try:  # fail now, not after loading the model
             with socket.create_server((host, port)):
                 pass

@@ -158,7 +158,7 @@ class _Workspace:
         # snapshot the host reads after the chunk: ring tokens, ring kinds, phase, finish, waits used, cap hit.
         self.ring_tok = torch.zeros(slots, self.k, dtype=torch.long, device=dev)
         self.ring_kind = torch.full((slots, self.k), NONE, dtype=torch.long, device=dev)
-        self.ring_at = torch.zeros((), dtype=torch.long, device=dev)
+        self.ring_at = torch.zeros(slots, 1, dtype=torch.long, device=dev)  # the step's column, for scatter_
         self.snap = torch.zeros(slots, 2 * self.k + 4, dtype=torch.long, device=dev)
         self.temp = torch.zeros(slots, device=dev)
         self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -193,8 +193,9 @@ class _Workspace:
             emitted = self._propose(sample)
             kind = torch.where(self.tb.phase != P_DONE, THINK, NONE)
         rows, col = self.kv.rows, self.kv.col
-        self.ring_tok[:, self.ring_at] = emitted
-        self.ring_kind[:, self.ring_at] = kind
+        # scatter_, not ring[:, i] = ...: a 0-d tensor index would be read on the host (a sync inside the graph)
+        self.ring_tok.scatter_(1, self.ring_at, emitted.unsqueeze(1))
+        self.ring_kind.scatter_(1, self.ring_at, kind.unsqueeze(1))
         self.mask[rows, 0, 0, col] = torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype)
         return emitted
 
