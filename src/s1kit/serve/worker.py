@@ -18,6 +18,7 @@ from typing import Any, Sequence, Union
 
 from ..engines.base import Completion, Engine, Request
 from ..errors import S1KitError
+from ..streaming import TextDeltas
 
 log = logging.getLogger("s1kit.serve")
 
@@ -42,44 +43,6 @@ class JobError(Exception):
 Event = Union[Delta, list, JobError]  # deltas, then the completions (a list) or the error
 
 
-class _TextDeltas:
-    """Turns a growing list of token ids into text deltas, decoding only a short window each time.
-
-    With ``strip`` the deltas add up to the stripped text (as ``Completion.answer`` is): leading
-    whitespace is dropped and trailing whitespace held back until more text follows it.
-    """
-
-    def __init__(self, tokenizer: Any, strip: bool) -> None:
-        self.tokenizer, self.strip = tokenizer, strip
-        self.start = self.read = 0  # the window [start, read) was decoded last time
-        self.raw = ""  # text of ids[:read]
-        self.sent = ""  # what the deltas so far add up to
-
-    def update(self, ids: list[int]) -> str:
-        """The delta after the ids grew."""
-        if len(ids) > self.read:
-            decode = self.tokenizer.decode
-            before = decode(ids[self.start : self.read], skip_special_tokens=True)
-            after = decode(ids[self.start :], skip_special_tokens=True)
-            # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest of the character.
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                self.raw += after[len(before) :]
-                self.start, self.read = self.read, len(ids)
-        return self._take(self.raw.strip() if self.strip else self.raw)
-
-    def finish(self, text: str) -> str:
-        """The rest of the engine's final text."""
-        if not text.startswith(self.sent):
-            log.warning("streamed text diverged from the final text; the stream may differ from it")
-            return ""
-        return self._take(text)
-
-    def _take(self, visible: str) -> str:
-        delta = visible[len(self.sent) :]
-        self.sent = visible if delta else self.sent
-        return delta
-
-
 class Job:
     """One HTTP request's work: its engine requests, the events its handler awaits, and what it asked for."""
 
@@ -91,7 +54,7 @@ class Job:
         self.answered = False  # the worker has queued the final event
         self.handles: list[Any] = []  # engine handles, one per request (worker thread only)
         self._first: list[int] = []  # choice index of each request's first sample
-        self._deltas: dict[tuple[int, int], tuple[_TextDeltas, _TextDeltas]] = {}
+        self._deltas: dict[tuple[int, int], tuple[TextDeltas, TextDeltas]] = {}
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -224,8 +187,8 @@ class EngineWorker:
         if job.stream:
             pair = job._deltas.get((ri, si))
             if pair is None:
-                pair = job._deltas[ri, si] = (_TextDeltas(self.engine.tokenizer, False),
-                                              _TextDeltas(self.engine.tokenizer, True))
+                pair = job._deltas[ri, si] = (TextDeltas(self.engine.tokenizer, False),
+                                              TextDeltas(self.engine.tokenizer, True))
             thinking, answer = pair
             if row.done and row.completion is not None:
                 delta = Delta(job._first[ri] + si, thinking.finish(row.completion.thinking),
