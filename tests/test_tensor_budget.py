@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from s1kit.budget import BudgetPolicy, BudgetState
+from s1kit.budget import BudgetPolicy, BudgetState, EarlyExit, ForcingTokens
 from s1kit.engines.tensor_budget import ANSWER, END, NONE, OPENER, PREFIX, THINK, TensorBudget, replay
 
 from test_budget import IM_END, IM_START, EOS, NL, ONE_WAIT, TOKENS, TWO_TOKEN_WAIT
@@ -108,3 +108,70 @@ def test_stop_thinking_is_a_zero_cap_in_the_tensor_machine(seed):
     for b, (state, _, _) in enumerate(rows):
         assert state.done and outs[b] == state.token_ids
         assert bool(tb.hit_cap[b]) == state.hit_cap
+
+
+WORD, DOT = 41, 43  # an early-exit word's first token; a token ending a sentence
+SENTENCE = torch.zeros(VOCAB, dtype=torch.bool)
+SENTENCE[DOT] = True
+
+
+def _with_words(tokens):
+    return ForcingTokens(**{**tokens.__dict__, "word_ids": frozenset({WORD}), "ends_sentence": lambda t: t == DOT})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cap_grace_and_early_exit_pauses_mirror_the_pure_machine(seed):
+    """Graceful caps, and early-exit probe points: the engine asks the pure machine ``probe_due`` before each step
+    and reports the probe (here an oracle: a non-empty answer with agree=1 exits); the tensor machine pauses the
+    slot at the same point and the host releases it (go on, or exit). The step right after a pause takes no
+    proposal of its own (the held one, or the forced closing), so the streams are fed accordingly."""
+    rng = random.Random(500 + seed)
+    slots = 12
+    tb = TensorBudget(slots, "cpu", VOCAB, NL_TABLE, sentence_table=SENTENCE)
+    rows = []
+    for b in range(slots):
+        tokens = _with_words(rng.choice([TOKENS, ONE_WAIT, TWO_TOKEN_WAIT]))
+        ee = rng.choice([None, EarlyExit(every=rng.choice([3, 5]), agree=1), EarlyExit(words=("w",), agree=1),
+                         EarlyExit(every=4, words=("w",), agree=1)])
+        cap = rng.choice([None, 6, 15])
+        policy = BudgetPolicy(max_thinking_tokens=cap, min_thinking_tokens=min(rng.choice([0, 4]), cap or 99),
+                              num_waits=rng.choice([0, 1, 2]), max_answer_tokens=rng.choice([2, 6]),
+                              cap_grace=rng.choice([0, 0, 3]), early_exit=ee)
+        tb.load(b, policy, tokens, None)
+        props = [rng.choice([IM_START, IM_END, EOS, NL, 40, WORD, DOT]) if rng.random() < 0.35 else
+                 rng.randrange(1, 60) for _ in range(200)]
+        rows.append((policy, tokens, props, [rng.random() < 0.3 for _ in range(60)]))
+    # the pure machine, driven as the plain loop drives it
+    pure = []
+    for policy, tokens, props, decisions in rows:
+        s, d = BudgetState(policy, tokens), list(decisions)
+        for p in props:
+            if s.done:
+                break
+            if s.probe_due(p):
+                s.observe_probe("yes" if d.pop(0) else "", 0.0, 3)
+            s.step(p)
+        assert s.done
+        pure.append(s)
+    # the tensor machine, driven as the fast path drives it
+    at = [0] * slots
+    after_pause = [False] * slots
+    decisions = [list(r[3]) for r in rows]
+    out = [[] for _ in range(slots)]
+    while not all(p == 2 for p in tb.phase.tolist()):
+        e, k = tb.step(torch.tensor([rows[b][2][min(at[b], 199)] for b in range(slots)]), pad_id=0)
+        phase = tb.phase.tolist()
+        for b in range(slots):
+            if k[b] != NONE:
+                out[b].append(int(e[b]))
+            if not after_pause[b]:
+                at[b] += 1
+            after_pause[b] = False
+            if phase[b] == 3 and not tb.resume[b]:  # paused at a probe point: the host answers
+                tb.release(b, exit=decisions[b].pop(0))
+                after_pause[b] = True
+    for b, s in enumerate(pure):
+        assert out[b] == s.token_ids, (b, rows[b][0])
+        assert bool(tb.hit_cap[b]) == s.hit_cap and bool(tb.exited[b]) == s.early_exit
+        assert int(tb.waits_used[b]) == s.waits_used
+    assert any(s.early_exit for s in pure) and any(s.probe_answers for s in pure if not s.early_exit)

@@ -21,6 +21,51 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 @dataclass(frozen=True)
+class EarlyExit:
+    """Stop thinking once the answer has settled (Dynasor-CoT / DEER style), checked by probes.
+
+    A probe is a side branch that never changes the sequence: the context so far + the answer opener + the answer
+    prefix, decoded greedily for up to ``probe_tokens`` tokens. Probes run after every ``every`` thinking tokens
+    and/or when the model is about to start one of ``words`` (the probe then sees the thinking before the word).
+    Thinking closes at that point, exactly as at a cap, once the last ``agree`` probe answers are equal (after
+    normalisation) or a probe's mean token probability reaches ``confidence``. ``min_thinking_tokens`` still
+    holds: no probe runs before it. Probe tokens are compute, and every completion reports them."""
+
+    every: int | None = None
+    words: tuple[str, ...] = ()
+    probe_tokens: int = 16
+    agree: int | None = 2
+    confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.words, str):
+            object.__setattr__(self, "words", (self.words,))
+        else:
+            object.__setattr__(self, "words", tuple(self.words))
+        if self.every is not None:
+            _check_int("every", self.every, 1)
+        if not all(isinstance(w, str) and w.strip() for w in self.words):
+            raise ValueError("words must be non-empty strings")
+        if self.every is None and not self.words:
+            raise ValueError("early exit needs a probe point: every (tokens) and/or words")
+        _check_int("probe_tokens", self.probe_tokens, 1)
+        if self.agree is not None:
+            _check_int("agree", self.agree, 1)
+        if self.confidence is not None and (isinstance(self.confidence, bool) or not isinstance(
+                self.confidence, (int, float)) or not 0 < self.confidence <= 1):
+            raise ValueError(f"confidence must be in (0, 1], got {self.confidence!r}")
+        if self.agree is None and self.confidence is None:
+            raise ValueError("early exit needs a rule: agree (probes) and/or confidence")
+
+    def settled(self, answers: list[str], confidence: float) -> bool:
+        """Whether the rule holds after the latest probe (``answers``: every probe's normalised answer so far)."""
+        if self.confidence is not None and confidence >= self.confidence:
+            return True
+        n = self.agree
+        return n is not None and len(answers) >= n and answers[-1] != "" and len(set(answers[-n:])) == 1
+
+
+@dataclass(frozen=True)
 class BudgetPolicy:
     """How much a sequence may (and must) think. Immutable; invalid combinations raise ``ValueError``."""
 
@@ -30,6 +75,8 @@ class BudgetPolicy:
     wait_strings: tuple[str, ...] = ("Wait",)
     answer_prefix: str = "Final Answer:"
     max_answer_tokens: int = 512
+    early_exit: EarlyExit | None = None
+    cap_grace: int = 0  # at the cap, think on up to this many tokens to end the sentence or line first
 
     def __post_init__(self) -> None:
         if isinstance(self.wait_strings, str):
@@ -50,6 +97,9 @@ class BudgetPolicy:
             raise ValueError("wait_strings must be a non-empty list of non-empty strings")
         if not isinstance(self.answer_prefix, str):
             raise ValueError(f"answer_prefix must be a string, got {self.answer_prefix!r}")
+        if self.early_exit is not None and not isinstance(self.early_exit, EarlyExit):
+            raise ValueError(f"early_exit must be an EarlyExit, got {self.early_exit!r}")
+        _check_int("cap_grace", self.cap_grace, 0)
 
     @property
     def forces_anything(self) -> bool:
@@ -69,6 +119,8 @@ class ForcingTokens:
     wait_ids: tuple[tuple[int, ...], ...]  # one entry per wait string, used in turn
     ends_with_newline: Callable[[int], bool] = field(compare=False)  # does this token's text end in "\n"
     prompt_ends_with_newline: bool = True  # does the text before thinking end in "\n"
+    word_ids: frozenset[int] = frozenset()  # first tokens of the early-exit words: a probe point when proposed
+    ends_sentence: Callable[[int], bool] | None = field(default=None, compare=False)  # "." "!" "?" or a newline
 
     def __post_init__(self) -> None:
         if not self.opener_ids:
@@ -116,6 +168,11 @@ class BudgetState:
         self._sampled_answer = 0
         self._forced: deque[tuple[int, str]] = deque()
         self._ends_nl = tokens.prompt_ends_with_newline
+        self._at_boundary = tokens.prompt_ends_with_newline  # thinking so far ends a sentence or line
+        self.early_exit = False  # closed by the early-exit rule
+        self.probe_answers: list[str] = []  # each probe's normalised answer, in order
+        self.probe_tokens = 0  # tokens decoded by probes (compute, not part of the sequence)
+        self._probed_at = -1
 
     @property
     def done(self) -> bool:
@@ -127,10 +184,48 @@ class BudgetState:
         """True when the next emitted token does not depend on the proposal."""
         if self._forced:
             return True
-        return self.phase is Phase.THINK and self._cap_reached()
+        return self.phase is Phase.THINK and self._closing_due()
 
-    def _cap_reached(self) -> bool:
+    def _past_cap(self) -> bool:
         return self.cap is not None and len(self.thinking_ids) >= self.cap
+
+    def _closing_due(self) -> bool:
+        """At the cap: close now, unless a grace window lets the sentence or line end first."""
+        if self.early_exit:
+            return True
+        if not self._past_cap():
+            return False
+        grace = self.policy.cap_grace
+        return grace == 0 or self._at_boundary or len(self.thinking_ids) >= self.cap + grace
+
+    # -- early exit: the engine asks before each free thinking step, probes, and reports back -------------
+
+    def probe_due(self, proposed: int) -> bool:
+        """Whether the engine must probe before emitting ``proposed`` (an early-exit probe point)."""
+        ee = self.policy.early_exit
+        if ee is None or self.phase is not Phase.THINK or self._forced or self._closing_due():
+            return False
+        n = len(self.thinking_ids)
+        if proposed in self.tokens.stop_ids or n < self.policy.min_thinking_tokens or n == self._probed_at:
+            return False
+        return bool(ee.every and n and n % ee.every == 0) or proposed in self.tokens.word_ids
+
+    def probe_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What a probe appends to the context so far: (the answer opener, the answer prefix), as a cap would
+        force them after this thinking."""
+        return self.tokens.cap_close_ids(self._ends_nl)
+
+    def observe_probe(self, answer: str, confidence: float, tokens: int) -> bool:
+        """Record a probe (normalised answer, mean token probability, tokens it decoded); True if thinking now
+        closes: the opener and prefix are forced at the next step, and ``early_exit`` is set."""
+        self.probe_tokens += tokens
+        self.probe_answers.append(answer)
+        self._probed_at = len(self.thinking_ids)
+        if self.policy.early_exit.settled(self.probe_answers, confidence):
+            self.early_exit = True
+            self.cap = len(self.thinking_ids)
+            return True
+        return False
 
     def stop_thinking(self) -> None:
         """Close thinking at the next step exactly as the cap does (the cap becomes the thinking so far)."""
@@ -146,7 +241,7 @@ class BudgetState:
         """Consume the model's proposal and return the token to emit."""
         if self.phase is Phase.DONE:
             raise RuntimeError("step() called on a finished sequence")
-        if self._forced and self._forced[0][1] == _THINK and self._cap_reached():
+        if self._forced and self._forced[0][1] == _THINK and self._past_cap():
             self._forced.clear()  # the cap wins over a Wait being forced
         if self._forced:
             return self._emit(*self._forced.popleft())
@@ -156,13 +251,14 @@ class BudgetState:
 
     def _think(self, proposed: int) -> int:
         t = self.tokens
-        if self._cap_reached():
-            self.hit_cap = True
+        if self._closing_due():
+            self.hit_cap = not self.early_exit
             opener, prefix = t.cap_close_ids(self._ends_nl)
             self._force([(i, _OPENER) for i in opener] + [(i, _PREFIX) for i in prefix])
             return self._emit(*self._forced.popleft())
         if proposed in t.stop_ids:
-            if self.waits_used < self.policy.num_waits or len(self.thinking_ids) < self.policy.min_thinking_tokens:
+            extend = self.waits_used < self.policy.num_waits or len(self.thinking_ids) < self.policy.min_thinking_tokens
+            if extend and not self._past_cap():  # in a cap's grace window a stop is accepted
                 wait = t.wait_ids[self.waits_used % len(t.wait_ids)]
                 self.waits_used += 1
                 self._force([(i, _THINK) for i in wait])
@@ -194,6 +290,8 @@ class BudgetState:
         if kind == _THINK:  # a thinking token, sampled or forced
             self.thinking_ids.append(token)
             self._ends_nl = self.tokens.ends_with_newline(token)
+            ends = self.tokens.ends_sentence
+            self._at_boundary = self._ends_nl or (ends is not None and ends(token))
         elif kind == _PREFIX:
             self.answer_ids.append(token)
         return token

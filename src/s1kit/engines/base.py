@@ -65,6 +65,8 @@ class Completion:
     prompt_tokens: int = 0
     request_index: int = 0
     sample_index: int = 0
+    probe_tokens: int = 0  # tokens early-exit probes decoded for this sequence (compute beside it)
+    early_exit: bool = False  # thinking was closed by the early-exit rule
 
     def to_dict(self, token_ids: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (token ids only when asked)."""
@@ -100,6 +102,8 @@ def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_token
         prompt_tokens=prompt_tokens,
         request_index=ri,
         sample_index=si,
+        probe_tokens=getattr(trace, "probe_tokens", 0),
+        early_exit=getattr(trace, "early_exit", False),
     )
 
 
@@ -151,6 +155,7 @@ class ForcingCompiler:
         self.extra_eos = tuple(extra_eos)
         self._cache: dict[tuple, ForcingTokens] = {}
         self._nl: dict[int, bool] = {}
+        self._sentence: dict[int, bool] = {}
 
     def _ends_with_newline(self, token: int) -> bool:
         v = self._nl.get(token)
@@ -158,9 +163,22 @@ class ForcingCompiler:
             v = self._nl[token] = self.tokenizer.decode([token]).endswith("\n")
         return v
 
+    def _ends_sentence(self, token: int) -> bool:
+        v = self._sentence.get(token)
+        if v is None:
+            v = self._sentence[token] = ends_sentence(self.tokenizer.decode([token]))
+        return v
+
+    def word_ids(self, words: Sequence[str]) -> frozenset[int]:
+        """First tokens of each word, written alone or after a space: where the model starts one of them."""
+        enc = self.tokenizer.encode
+        return frozenset(ids[0] for w in words for ids in (enc(w, add_special_tokens=False),
+                                                            enc(" " + w, add_special_tokens=False)) if ids)
+
     def __call__(self, fmt: ThinkingFormat, policy: BudgetPolicy) -> ForcingTokens:
         """The ``ForcingTokens`` of ``fmt`` and ``policy``; ``ValueError`` if a delimiter is unknown."""
-        key = (fmt, policy.wait_strings, policy.answer_prefix)
+        words = policy.early_exit.words if policy.early_exit is not None else ()
+        key = (fmt, policy.wait_strings, policy.answer_prefix, words)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -175,9 +193,18 @@ class ForcingCompiler:
             wait_ids=tuple(tuple(enc(w, add_special_tokens=False)) for w in policy.wait_strings),
             ends_with_newline=self._ends_with_newline,
             prompt_ends_with_newline=fmt.think_open.endswith("\n"),
+            word_ids=self.word_ids(words),
+            ends_sentence=self._ends_sentence,
         )
         self._cache[key] = tokens
         return tokens
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether a token's text ends a sentence or a line (a graceful cap closes there): ".", "!", "?", maybe
+    followed by a closing quote or bracket, or a newline."""
+    t = text.rstrip(" \t\"')]*")
+    return text.endswith("\n") or (bool(t) and t[-1] in ".!?" and not t.endswith(".."))
 
 
 def context_cap(policy: BudgetPolicy, tokens: ForcingTokens, prompt_len: int, max_context: int | None) -> int | None:

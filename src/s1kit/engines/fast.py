@@ -37,7 +37,8 @@ from ..errors import S1KitError
 from . import decode_attention
 from .core import Row
 from .fused import FusedProjections
-from .tensor_budget import ANSWER, F_LENGTH, F_STOP, NONE, P_DONE, PREFIX, THINK, TensorBudget, newline_table
+from .tensor_budget import (ANSWER, F_LENGTH, F_STOP, NONE, P_DONE, P_PAUSE, PREFIX, THINK, TensorBudget,
+                           boundary_tables)
 
 ATTN_NAME = "s1kit_slots"
 
@@ -148,7 +149,7 @@ class _Workspace:
         layers, kv, head_dim, vocab = _model_dims(m)
         self.slots, self.length, self.k = slots, length, dec.sync_every
         self.kv = SlotCache(layers, slots, kv, length, head_dim, dec.dtype, dev)
-        self.tb = TensorBudget(slots, dev, vocab, dec.nl_table)
+        self.tb = TensorBudget(slots, dev, vocab, dec.tables[0], sentence_table=dec.tables[1])
         self.neg = torch.finfo(dec.dtype).min
         # Additive attention mask, kept up to date column by column (0 = attend, dtype min = masked).
         self.mask = torch.full((slots, 1, 1, length), self.neg, dtype=dec.dtype, device=dev)
@@ -185,7 +186,7 @@ class _Workspace:
         sampled = order.gather(1, pick.unsqueeze(1)).squeeze(1)
         return torch.where(self.temp > 0, sampled, greedy)
 
-    def _force(self, sample: bool) -> torch.Tensor:
+    def _force(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Propose, run the budget machine, record the emitted tokens and unmask their columns."""
         if self.dec.forcing:
             emitted, kind = self.tb.step(self._propose(sample), self.dec.pad_id)
@@ -197,17 +198,20 @@ class _Workspace:
         self.ring_tok.scatter_(1, self.ring_at, emitted.unsqueeze(1))
         self.ring_kind.scatter_(1, self.ring_at, kind.unsqueeze(1))
         self.mask[rows, 0, 0, col] = torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype)
-        return emitted
+        return emitted, kind
 
     def step(self, sample: bool) -> None:
         """One decode step for every slot: propose, force, record, feed the model. No host sync."""
-        emitted = self._force_fn(sample)
+        emitted, kind = self._force_fn(sample)
         extra = {"s1kit_last": self.kv.col} if self.dec.split_attention else {}
         out = self.dec.forward(input_ids=emitted.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask=self.mask, past_key_values=self.kv, use_cache=True, **extra)
         self.logits.copy_(out.logits[:, -1].float())
-        self.pos.add_(1)
-        self.kv.col.add_(1).clamp_(max=self.length - 1)  # only idle slots reach the end; they record nothing
+        # A slot that emitted nothing (idle, ended, or paused at a probe point) keeps its position and column:
+        # what this step wrote there is masked, and its next token overwrites it.
+        moved = (kind != NONE).long()
+        self.pos.add_(moved)
+        self.kv.col.add_(moved).clamp_(max=self.length - 1)
         self.ring_at.add_(1).remainder_(self.k)
 
     def capture(self, sample: bool) -> None:
@@ -300,7 +304,8 @@ class FastDecoder:
         self.split_attention = _switch_on("S1KIT_SPLIT_ATTENTION") if split_attention is None else split_attention
         vocab = _model_dims(model)[3]
         # Without a tokenizer (benchmarks on token ids) no token counts as ending a line.
-        self.nl_table = newline_table(tokenizer, vocab) if tokenizer is not None else torch.zeros(vocab, dtype=torch.bool)
+        self.tables = boundary_tables(tokenizer, vocab) if tokenizer is not None else (
+            torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool))
         self.forcing = True  # False: emit proposals as they are (benchmarks measure what forcing costs)
         self.reset_stats()
         self.generator = torch.Generator(device=self.device)
@@ -312,6 +317,7 @@ class FastDecoder:
         self._pinned: list[torch.Tensor] = []
         self._flip = 0
         self._spans: list[tuple[str, Any, Any]] = []
+        self._probed: dict[int, int] = {}  # slot -> thinking length at its last probe (a pause seen again waits)
         _register_attention()
 
     @staticmethod
@@ -350,8 +356,9 @@ class FastDecoder:
                 self.stats["steps"] += ws.k
                 self.stats["slot_steps"] += ws.slots * ws.k
                 self.stats["busy_slot_steps"] += len(self.owner) * ws.k  # an upper bound: rows end inside
-            previous, self._pending = (self._pending, chunk) if self.pipeline else (chunk, None)
-            return self._publish(ws, previous) if previous is not None else []
+        previous, self._pending = (self._pending, chunk) if self.pipeline else (chunk, None)
+        # Outside the slot attention: early-exit probes run on the model as it is.
+        return self._publish(ws, previous) if previous is not None else []
 
     def reset(self) -> None:
         """Forget every row (after a failure); the next admission starts from an idle workspace."""
@@ -530,7 +537,8 @@ class FastDecoder:
         snap = chunk.wait()
         self._read_spans()
         k = ws.k
-        updated = []
+        updated: list[Row] = []
+        paused: list[tuple[int, Row]] = []
         for s, row in chunk.owners.items():
             if row.done or row.slot != s:  # cancelled since the chunk was launched
                 continue
@@ -547,6 +555,8 @@ class FastDecoder:
                     t.answer_ids.append(tok)
             phase, finish, t.waits_used, hit_cap = vals[2 * k :]
             t.hit_cap = bool(hit_cap)
+            if phase == P_PAUSE and self._probed.get(s) != len(t.thinking_ids):
+                paused.append((s, row))  # at an early-exit probe point: probe, then release it
             if not self.forcing and len(t.token_ids) >= max_new_tokens(row):  # plain decoding ends at the budget
                 del t.token_ids[max_new_tokens(row):]
                 del t.thinking_ids[max_new_tokens(row):]
@@ -555,8 +565,35 @@ class FastDecoder:
             if phase == P_DONE:
                 t.finish_reason = "stop" if finish == F_STOP else "length"
                 self.owner.pop(s, None)
+                self._probed.pop(s, None)
                 self.stats["rows"] += 1
                 self.stats["tokens"] += len(t.token_ids)
             if len(t.token_ids) > before or t.finish_reason is not None:
                 updated.append(row)
+        if paused:
+            self._probe(ws, paused)
         return updated
+
+    def _probe(self, ws: _Workspace, paused: list[tuple[int, Row]]) -> None:
+        """Probe rows paused at an early-exit point (one batch, from copies of their slots' K/V), apply the rule,
+        and release each slot: go on with its held token, or close its thinking now."""
+        from .probe import Probe, run_probes
+
+        probes = []
+        for s, row in paused:
+            t, tokens = row.trace, row.prepared.tokens
+            ends_nl = tokens.ends_with_newline(t.thinking_ids[-1]) if t.thinking_ids else tokens.prompt_ends_with_newline
+            opener, prefix = tokens.cap_close_ids(ends_nl)
+            cols = (ws.mask[s, 0, 0] == 0).nonzero().squeeze(1)  # the columns the row attends to
+            past = [(ws.kv.keys[i][s][:, cols], ws.kv.values[i][s][:, cols]) for i in range(len(ws.kv.keys))]
+            position = len(row.prepared.prompt_ids) + len(t.token_ids)
+            probes.append(Probe(past, position, opener + prefix, len(opener),
+                                row.request.policy.early_exit.probe_tokens, tokens.end_ids))
+        for (s, row), res in zip(paused, run_probes(self.model, self.tokenizer, probes, self.pad_id)):
+            t = row.trace
+            t.probe_tokens += res.tokens
+            t.probe_answers.append(res.answer)
+            self._probed[s] = len(t.thinking_ids)
+            exit = row.request.policy.early_exit.settled(t.probe_answers, res.confidence)
+            t.early_exit = exit
+            ws.tb.release(s, exit)

@@ -166,7 +166,11 @@ class LoopDecoder:
         if not self.rows:
             return []
         rows = list(self.rows)
-        emitted = [r.trace.step(p) for r, p in zip(rows, self._propose(self.logits, rows))]
+        proposals = self._propose(self.logits, rows)
+        due = [i for i, (r, p) in enumerate(zip(rows, proposals)) if r.trace.probe_due(p)]
+        if due:  # early exit: probe before emitting; a settled answer closes thinking at this very step
+            self._probe(due)
+        emitted = [r.trace.step(p) for r, p in zip(rows, proposals)]
         keep = [i for i, r in enumerate(rows) if not r.trace.done]
         if len(keep) < len(rows):
             self._select(keep)
@@ -192,6 +196,21 @@ class LoopDecoder:
     def stop_thinking(self, row: Row) -> None:
         """Close ``row``'s thinking at its next step."""
         row.trace.stop_thinking()
+
+    def _probe(self, idx: list[int]) -> None:
+        """Run the early-exit probes of rows ``idx`` (one batch, from copies of their K/V) and report them."""
+        from .probe import Probe, run_probes
+
+        probes = []
+        for i in idx:
+            state = self.rows[i].trace
+            start = int(self.attn[i].argmax())  # the row's first attended column: left padding before it
+            past = [(layer.keys[i, :, start:], layer.values[i, :, start:]) for layer in self.cache.layers]
+            opener, prefix = state.probe_suffix()
+            probes.append(Probe(past, int(self.next_pos[i]), opener + prefix, len(opener),
+                                state.policy.early_exit.probe_tokens, state.tokens.end_ids))
+        for i, res in zip(idx, run_probes(self.model, self.engine.tokenizer, probes, self.engine.pad_id)):
+            self.rows[i].trace.observe_probe(res.answer, res.confidence, res.tokens)
 
     def _mergeable(self) -> bool:
         """Whether queued rows can join a running batch: every cache layer is a plain growing K/V."""

@@ -27,6 +27,9 @@ class LoopTrace:
     waits_used: int = 0
     hit_cap: bool = False
     finish_reason: str | None = None
+    probe_tokens: int = 0
+    early_exit: bool = False
+    probe_answers: list[str] = field(default_factory=list)
 
 
 def stop_and_continue(

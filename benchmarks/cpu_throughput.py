@@ -1,0 +1,153 @@
+"""Budget-forced throughput on the CPU, every path in one run, same machine, same requests.
+
+The slice: qwen2.5-coder-0.5b, the first B GSM8K test questions (B = 8 and 16), thinking capped at 128 tokens,
+32 answer tokens, greedy. Each path runs in its own process, one after another (so they never share the cores):
+
+- ``hf-plain``: the in-process loop as it was before the engine core (commit a765aa6: one fixed batch decoded
+  until its last row ends, float32), from an exported copy of that commit's ``src/``;
+- ``hf-loop``: today's plain loop (rows leave the batch as they end and queued rows join it), float32 and bfloat16;
+- ``hf-fast``: the fast path's slot cache stepped eagerly on the CPU (no CUDA graphs), float32 and bfloat16;
+- ``llamacpp-server``: ``--engine remote`` against llama-cpp-python's server on loopback (the GGUF as shipped,
+  quantized; the stop-and-continue loop), when ``llama_cpp`` is installed.
+
+    .venv/bin/python benchmarks/cpu_throughput.py --json benchmarks/results/cpu_throughput.json
+
+Rows: path, dtype, batch, tokens, seconds (generation only), load_s (model load), tok_s, tok_s_with_load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEFORE = "a765aa6"  # the last commit before the engine core
+
+
+def _questions(n: int) -> list[str]:
+    from s1kit.data.benchmarks import load_benchmark
+
+    return [it.question for it in load_benchmark("gsm8k", n).items]
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measure one path in this process and print one JSON row."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from s1kit import BudgetPolicy, Request
+
+    policy = BudgetPolicy(max_thinking_tokens=128, max_answer_tokens=32)
+    requests = [Request(q, policy) for q in _questions(args.batch)]
+    t0 = time.perf_counter()
+    if args.path == "llamacpp-server":
+        from s1kit.engines.remote import RemoteEngine
+
+        engine = RemoteEngine(args.base_url, args.model, concurrency=args.batch)
+    else:
+        from s1kit.engines.hf import HFEngine
+
+        kw = {} if args.path == "hf-plain" else {"fast": args.path == "hf-fast"}
+        engine = HFEngine.load(args.model, device="cpu", dtype=args.dtype, batch_size=args.batch, **kw)
+    load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out = engine.generate(requests)
+    gen = time.perf_counter() - t1
+    tokens = sum(len(c.token_ids) for c in out)
+    print(json.dumps({"path": args.path, "dtype": args.dtype if args.path != "llamacpp-server" else "gguf",
+                      "batch": args.batch, "tokens": tokens, "seconds": gen, "load_s": load, "tok_s": tokens / gen,
+                      "tok_s_with_load": tokens / (gen + load), "threads": args.threads,
+                      "capped": sum(c.hit_cap for c in out)}))
+
+
+def _run(argv: list[str], pythonpath: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error"}
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv], capture_output=True, text=True,
+                       env=env, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"{argv} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    """Every path, one after another, then a markdown table (and JSON)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", default="hf-loop")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--batches", default="8,16")
+    p.add_argument("--paths", default="hf-plain,hf-loop,hf-fast,llamacpp-server")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    src = os.path.join(ROOT, "src")
+    rows = []
+    with tempfile.TemporaryDirectory() as old:
+        # "today's loop" as it was: that commit's package, exported (nothing of it is committed here)
+        subprocess.run(f"git -C {ROOT} archive {BEFORE} src | tar -x -C {old}", shell=True, check=True)
+        server = None
+        for b in (int(x) for x in args.batches.split(",")):
+            for path in args.paths.split(","):
+                base = [f"--path={path}", f"--batch={b}", f"--model={args.model}", f"--threads={args.threads}"]
+                if path == "hf-plain":
+                    rows.append(_run(base + ["--dtype=float32"], os.path.join(old, "src")))
+                elif path in ("hf-loop", "hf-fast"):
+                    for dt in ("float32", "bfloat16"):
+                        rows.append(_run(base + [f"--dtype={dt}"], src))
+                elif path == "llamacpp-server":
+                    try:
+                        import llama_cpp  # noqa: F401
+                    except ImportError:
+                        print("llama_cpp is not installed: skipping llamacpp-server", file=sys.stderr)
+                        continue
+                    if server is None:
+                        from s1kit.models import BUNDLED, bundled_files
+
+                        gguf = str(bundled_files(BUNDLED[args.model])[0])
+                        port = _free_port()
+                        server = subprocess.Popen(
+                            [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        url = f"http://127.0.0.1:{port}/v1"
+                        for _ in range(240):
+                            try:
+                                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                                    break
+                            except OSError:
+                                time.sleep(0.5)
+                    rows.append(_run(base + [f"--base-url={url}"], src))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if server is not None:
+            server.kill()
+    print(f"\n{args.model}, GSM8K, thinking cap 128, answer 32, greedy, {args.threads} threads\n")
+    print("| path | dtype | batch | tokens | seconds | tok/s | tok/s with load |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['dtype']} | {r['batch']} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | "
+              f"{r['tok_s_with_load']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
