@@ -50,16 +50,16 @@ def test_generate_human_output(engine):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-thinking", "-5", "x"], "max_thinking_tokens must be >= 0"),
-    (["--min-thinking", "64", "--max-thinking", "32", "x"], "exceeds max_thinking_tokens"),
-    (["--waits", "-1", "x"], "num_waits must be >= 0"),
+    (["--max-thinking", "-5", "x"], "--max-thinking must be >= 0"),
+    (["--min-thinking", "64", "--max-thinking", "32", "x"], "--min-thinking (64) exceeds --max-thinking (32)"),
+    (["--waits", "-1", "x"], "--waits must be >= 0"),
     (["--model", "no-such-model", "x"], "unknown model 'no-such-model'"),
     (["--stop-token", "</reasoning>", "x"], "is not a single token"),
     (["--format", "o1", "x"], "unknown thinking format"),
     (["   "], "empty prompt"),
     ([], "no prompt given"),
     (["--input", "/nonexistent.jsonl"], "no such file"),
-    (["--temperature", "-1", "x"], "temperature must be >= 0"),
+    (["--temperature", "-1", "x"], "--temperature must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(engine, args, message):
     r = s1kit("generate", *args)

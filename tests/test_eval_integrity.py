@@ -62,23 +62,24 @@ def test_eval_grades_a_list_valued_answer_field(engine, tmp_path):
 
 def test_reruns_are_refused_when_settings_differ_and_follow_the_asked_items(engine, tmp_path):
     out = tmp_path / "run"
-    base = ["eval", "--benchmark", "gsm8k", "--max-thinking", "8", "--max-answer", "8", "--out", str(out)]
-    r = s1kit(*base, "--limit", "4")
+    base = ["eval", "--benchmark", "gsm8k", "--max-thinking", "8", "--out", str(out)]
+    answer = ["--max-answer", "8"]
+    r = s1kit(*base, *answer, "--limit", "4")
     assert r.returncode == 0, r.stderr
     assert summary_n(out) == [4]
     before = snapshot(out)
-    for flags, named in [(["--max-answer", "16"], "--max-answer"), (["--answer-prefix", "Answer:"], "--answer-prefix"),
-                         (["--format", "r1"], "--format"), (["--temperature", "0.7"], "--temperature")]:
-        args = [a for a in base if a not in ("--max-answer", "8")] if flags[0] == "--max-answer" else base
-        line = error_line(s1kit(*args, "--limit", "4", *flags))
+    for flags, named in [(["--max-answer", "16"], "--max-answer"),
+                         ([*answer, "--answer-prefix", "Answer:"], "--answer-prefix"),
+                         ([*answer, "--format", "r1"], "--format"), ([*answer, "--temperature", "0.7"], "--temperature")]:
+        line = error_line(s1kit(*base, "--limit", "4", *flags))
         assert named in line and "--out" in line, line  # names the differing flag and how to start afresh
         assert snapshot(out) == before
     # fewer items: nothing is generated and the summary covers exactly the 2 asked for
-    r = s1kit(*base, "--limit", "2")
+    r = s1kit(*base, *answer, "--limit", "2")
     assert r.returncode == 0, r.stderr
     assert summary_n(out) == [2] and (out / "samples.jsonl").read_bytes() == before["samples.jsonl"]
     # more items: the run is extended by the missing one only
-    r = s1kit(*base, "--limit", "5")
+    r = s1kit(*base, *answer, "--limit", "5")
     assert r.returncode == 0, r.stderr
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert summary_n(out) == [5] and len(lines) == 5
@@ -144,7 +145,7 @@ def _eval(tmp_path, *args):
     (["--wait-string", "", "--waits", "1"], ["--wait-string"]),
     (["--samples", "0"], ["--samples"]),
     (["--limit", "abc"], ["--limit"]),
-    (["--model", "/nonexistent"], ["--model", "/nonexistent"]),
+    (["--model", "/nonexistent"], ["unknown model '/nonexistent'"]),
 ])
 def test_eval_bad_flags_are_one_line_and_write_nothing(tmp_path, args, needles):
     out = tmp_path / "run"

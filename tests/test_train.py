@@ -318,7 +318,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
     with pytest.raises(Cut):
         train("smollm2-135m", data, tmp_path / "cut", recipe, on_log=cut_at_step_3)
     assert last_checkpoint(tmp_path / "cut").name == "checkpoint-2"
-    with pytest.raises(S1KitError, match="--resume to continue from its last checkpoint"):
+    with pytest.raises(S1KitError, match="resume=True to continue from its last checkpoint"):
         train("smollm2-135m", data, tmp_path / "cut", recipe)
     seen = []
     resumed = train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True, on_log=lambda d: seen.append(d["step"]))
@@ -337,7 +337,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
 
     no_periodic = replace(recipe, save_steps=None)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(S1KitError, match="stopped by SIGTERM at step 3 of 4; checkpoint-3 .* --resume"):
+    with pytest.raises(S1KitError, match="stopped by SIGTERM at step 3 of 4; checkpoint-3 .* resume=True"):
         train("smollm2-135m", data, tmp_path / "term", no_periodic, on_log=term_at_step_2)
     assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is gone with it
     assert not (tmp_path / "term" / "model.safetensors").exists()
