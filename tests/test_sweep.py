@@ -98,7 +98,7 @@ def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engi
 def test_eval_cli_writes_report_and_reruns_compute_nothing(engine, tmp_path):
     out = tmp_path / "ev"
     args = ["eval", "--model", "smollm2-135m", "--benchmark", "gsm8k", "--limit", "4", "--max-thinking", "16,32",
-            "--out", str(out)]
+            "--max-answer", "32", "--out", str(out)]
     r = s1kit(*args)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -162,7 +162,7 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, rows):
     cases = [
         (["--data", str(bad)], f"{bad}:2: empty thinking trace"),
         (["--data", str(tmp_path / "none.jsonl")], "no such file"),
-        (["--data", str(bad), "--batch-size", "16", "--micro-batch-size", "3"], "multiple of micro-batch-size"),
+        (["--data", str(bad), "--batch-size", "16", "--micro-batch-size", "3"], "--batch-size 16 must be a multiple of --micro-batch-size 3"),
         (["--data", str(bad), "--format", "o1"], "unknown thinking format"),
         (["--data", str(bad), "--fsdp"], "--fsdp needs NVIDIA GPUs"),
     ]
