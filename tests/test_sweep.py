@@ -184,6 +184,8 @@ def test_the_run_record_extends_a_selection_and_names_what_differs(tmp_path):
     grid = build_grid(["budget"], [8, 16], max_answer=8)
     first = open_run(tmp_path, RunRecord.create("m", "gsm8k", items, grid[:1], limit=4), items)
     assert first.items == tuple(it.id for it in items[:4]) and RunDir(tmp_path).read() == first
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"setting": grid[0].key, "item_id": items[0].id, "sample": 0})
+                                            + "\n")  # a stored sample: the record binds
     # more items and another setting extend it; fewer items change nothing
     grown = open_run(tmp_path, RunRecord.create("m", "gsm8k", items, grid, limit=6, samples=1), items)
     assert grown.items == tuple(it.id for it in items[:6]) and [s.key for s in grown.settings] == [s.key for s in grid]
@@ -199,6 +201,10 @@ def test_the_run_record_extends_a_selection_and_names_what_differs(tmp_path):
     with pytest.raises(RunMismatch, match="benchmark items"):
         open_run(tmp_path, RunRecord.create("m", "gsm8k", edited, grid, limit=6), edited)
     assert (tmp_path / "config.json").read_bytes() == before
+    # a record whose run stored no sample (a start that failed) binds nothing
+    (tmp_path / "samples.jsonl").unlink(missing_ok=True)
+    assert open_run(tmp_path, other, items) == other
+    (tmp_path / "config.json").write_bytes(before)
     # a damaged record names its file
     (tmp_path / "config.json").write_text(before.decode()[:40])
     with pytest.raises(S1KitError, match=f"{tmp_path / 'config.json'}: not valid JSON"):

@@ -241,7 +241,6 @@ def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[
 
     Defaults: the GPU when present in bfloat16, else the CPU in float32.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging

@@ -179,10 +179,13 @@ class RunDir:
         return record
 
     def extend(self, asked: RunRecord, items: Sequence[Item]) -> RunRecord:
-        """The record this directory will hold once ``asked`` runs: ``asked`` itself in a new run directory, else
-        the recorded run extended by it (``RunMismatch`` when they differ). Nothing is written."""
+        """The record this directory will hold once ``asked`` runs: ``asked`` itself in a new run directory (or one
+        whose run never stored a sample: a failed start binds nothing), else the recorded run extended by it
+        (``RunMismatch`` when they differ). Nothing is written."""
         recorded = self.read()
-        return asked if recorded is None else recorded.extended_by(asked, items, self.path)
+        if recorded is None or next(read_appended(self.samples), None) is None:
+            return asked
+        return recorded.extended_by(asked, items, self.path)
 
     def write(self, record: RunRecord) -> None:
         """Save ``record`` atomically (a kill never leaves half a record)."""

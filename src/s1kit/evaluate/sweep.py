@@ -48,7 +48,7 @@ class Setting:
 
 
 def _label(parts: Iterable[tuple[str, Any]]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parts if v not in (None, 0, "") or k == "max" and v == 0) or "unforced"
+    return ",".join(f"{k}={v}" for k, v in parts if v not in (None, 0, "") or (k == "max" and v == 0)) or "unforced"
 
 
 _DEFAULT = BudgetPolicy()  # the library's defaults are the sweep's (and the command line's)
