@@ -205,6 +205,12 @@ def test_the_run_record_extends_a_selection_and_names_what_differs(tmp_path):
     (tmp_path / "samples.jsonl").unlink(missing_ok=True)
     assert open_run(tmp_path, other, items) == other
     (tmp_path / "config.json").write_bytes(before)
+    # samples without a record cannot be resumed: what made them is unknown
+    (tmp_path / "samples.jsonl").write_text("{}\n")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(S1KitError, match="holds samples.jsonl but no config.json"):
+        open_run(tmp_path, other, items)
+    (tmp_path / "config.json").write_bytes(before)
     # a damaged record names its file
     (tmp_path / "config.json").write_text(before.decode()[:40])
     with pytest.raises(S1KitError, match=f"{tmp_path / 'config.json'}: not valid JSON"):

@@ -7,7 +7,7 @@ import typer
 
 from ..data.benchmarks import load_benchmark
 from ..engines.base import SamplingParams
-from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunRecord
+from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord
 from ..evaluate.report import write_report
 from ..evaluate.sweep import build_grid, check_samples, run_sweep
 from ..formats import get_format
@@ -20,10 +20,10 @@ from .engine import EngineChoice
 RECORD_FLAGS = {"model": "--model", "engine": "--engine", "dtype": "--dtype (or --device)", "benchmark": "--benchmark",
                 "question_field": "--question-field", "answer_field": "--answer-field", "format": "--format",
                 "temperature": "--temperature", "seed": "--seed", "benchmark items": "--benchmark (its file)",
-                "grader": "grader version"}
+                "grader": "grader version (s1kit report --regrade grades its samples again)"}
 HINTS = {RunInUse: "wait for it to finish, or pass another --out",
-         RunMismatch: "rerun with the recorded values to resume (after a grader change: s1kit report --regrade), "
-                      "or pass another --out to start a fresh run"}
+         RunNotResumable: "start a fresh run with another --out",
+         RunMismatch: "rerun with the recorded values to resume, or pass another --out to start a fresh run"}
 
 
 @command(name="eval", hints=HINTS,

@@ -46,6 +46,10 @@ class RunInUse(S1KitError):
     """Another process writes the run directory."""
 
 
+class RunNotResumable(S1KitError):
+    """A run directory whose samples cannot be told apart from a new run's: no record, or one from before records."""
+
+
 def fingerprint(items: Sequence[Item]) -> str:
     """A digest of items' ids, questions, golds and kinds: a rerun can tell that a benchmark file changed."""
     digest = hashlib.sha256()
@@ -115,8 +119,8 @@ class RunRecord:
         """This record grown by what ``asked`` adds (items, samples, settings); ``RunMismatch`` naming every field
         that differs otherwise. ``items`` is the whole benchmark as it loads now, in order."""
         if self.items is None:
-            raise S1KitError(f"{where / CONFIG} was written before run records and does not say which items, seed and "
-                             "grader its samples used; report reads it, but new samples need a fresh run directory")
+            raise RunNotResumable(f"{where / CONFIG} was written before run records and does not say which items, seed "
+                                  "and grader its samples used (s1kit report still reads it)")
         diffs = [(name, getattr(self, name), getattr(asked, name)) for name in IDENTITY
                  if getattr(self, name) != getattr(asked, name)]
         for name in RUN_POLICY:
@@ -182,8 +186,11 @@ class RunDir:
         """The record this directory will hold once ``asked`` runs: ``asked`` itself in a new run directory (or one
         whose run never stored a sample: a failed start binds nothing), else the recorded run extended by it
         (``RunMismatch`` when they differ). Nothing is written."""
-        recorded = self.read()
-        if recorded is None or next(read_appended(self.samples), None) is None:
+        recorded, stored = self.read(), next(read_appended(self.samples), None) is not None
+        if recorded is None and stored:
+            raise RunNotResumable(f"{self.path} holds {SAMPLES} but no {CONFIG}: what its samples were generated with "
+                                  "is unknown")
+        if recorded is None or not stored:
             return asked
         return recorded.extended_by(asked, items, self.path)
 
