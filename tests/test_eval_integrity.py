@@ -9,10 +9,19 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from s1kit.cli import app
 from test_cli import ENV, s1kit
 
 QUESTION = "There are 6 birds on a tree and 2 fly away. How many birds are left?"
+
+
+def in_process(*args):
+    """The command run in this process (its library errors take the same handler as the console script's);
+    usage errors and real runs go through ``s1kit`` subprocesses instead."""
+    r = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def error_line(r) -> str:
@@ -116,10 +125,10 @@ def test_a_second_eval_into_the_same_directory_is_refused(engine, tmp_path):
 
 @pytest.mark.xfail(reason="needs the engine core's on_complete (issue 18)", strict=True)
 def test_samples_are_stored_as_each_row_finishes(engine, tmp_path):
-    # One batch (the default --batch-size 16) whose rows end far apart: caps of 8 tokens and exactly 200.
+    # One batch (the default --batch-size 16) whose rows end far apart: a cap of 8 thinking tokens, and exactly 96.
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "s1kit.cli", "eval", "--benchmark", "gsm8k", "--limit", "4",
-                          "--max-thinking", "8,200", "--min-thinking", "0,200", "--max-answer", "8", "--out", str(out)],
+    p = subprocess.Popen([sys.executable, "-m", "s1kit.cli", "eval", "--benchmark", "gsm8k", "--limit", "2",
+                          "--max-thinking", "8,96", "--min-thinking", "0,96", "--max-answer", "8", "--out", str(out)],
                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = out / "samples.jsonl"
     deadline = time.time() + 300
@@ -129,7 +138,7 @@ def test_samples_are_stored_as_each_row_finishes(engine, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     kept = store.read_text().count("\n") if store.exists() else 0
-    assert 0 < kept < 12  # the short rows are kept, the long ones were still running
+    assert 0 < kept < 6  # the short rows are kept, the long ones were still running
 
 
 # ------------------------------------------------------------------ clear errors, nothing written
@@ -149,7 +158,8 @@ def _eval(tmp_path, *args):
 ])
 def test_eval_bad_flags_are_one_line_and_write_nothing(tmp_path, args, needles):
     out = tmp_path / "run"
-    line = error_line(s1kit(*_eval(tmp_path), *args, "--out", str(out)))
+    run = s1kit if args[0] == "--limit" else in_process  # a usage error is the console script's to print
+    line = error_line(run(*_eval(tmp_path), *args, "--out", str(out)))
     assert all(n in line for n in needles), line
     assert "max_answer_tokens" not in line and "wait_strings" not in line
     assert not out.exists()  # e.g. a wrong --model leaves no config.json that would refuse the corrected rerun
@@ -165,7 +175,7 @@ def test_out_naming_a_file_or_a_broken_record_is_one_line(tmp_path):
     (out / "config.json").write_text('{"model": "smollm2-135m", "bench')  # cut short
     before = snapshot(out)
     for cmd in (_eval(tmp_path, "--out", str(out)), ["report", str(out)], ["report", "--regrade", str(out)]):
-        line = error_line(s1kit(*cmd))
+        line = error_line(in_process(*cmd))
         assert str(out / "config.json") in line, line
         assert snapshot(out) == before
 
@@ -174,7 +184,7 @@ def test_generate_speaks_in_flags(engine):
     for args, needle in [(["--max-answer", "0"], "--max-answer must be >= 1"),
                          (["--wait-string", "", "--waits", "1"], "--wait-string"),
                          (["--min-thinking", "64", "--max-thinking", "32"], "--min-thinking (64) exceeds --max-thinking (32)")]:
-        line = error_line(s1kit("generate", *args, "x"))
+        line = error_line(in_process("generate", *args, "x"))
         assert needle in line and "_tokens" not in line and "wait_strings" not in line, line
 
 
@@ -184,7 +194,7 @@ def test_curate_names_the_question_field(engine, tmp_path):
                             + "\n" for i in range(3)))
     out = tmp_path / "s1k.jsonl"
     common = ["curate", "--pool", str(pool), "--size", "2", "--decontaminate", "none", "--out", str(out)]
-    line = error_line(s1kit(*common))
+    line = error_line(in_process(*common))
     assert "--question-field" in line and str(pool) in line, line
     assert not out.exists()
     r = s1kit(*common, "--question-field", "prompt")
