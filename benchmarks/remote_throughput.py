@@ -32,7 +32,7 @@ from s1kit import BUNDLED
 from s1kit.data.benchmarks import load_benchmark
 from s1kit.engines.hf import HFEngine
 from s1kit.engines.remote import RemoteEngine
-from s1kit.evaluate.sweep import SweepConfig, build_grid, open_run, run_sweep
+from s1kit.evaluate.sweep import build_grid, run_sweep
 from s1kit.models import bundled_files
 
 
@@ -58,7 +58,6 @@ def start_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
 def sweep(engine, bench, settings, chunk: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        open_run(out, SweepConfig("smollm2-135m", "gsm8k", len(bench.items)), settings)
         t = time.perf_counter()
         records = run_sweep(engine, bench, settings, out, chunk=chunk)
         seconds = time.perf_counter() - t

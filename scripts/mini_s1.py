@@ -264,7 +264,8 @@ def stage_eval(run: Run) -> None:
 
     from s1kit.data.benchmarks import load_benchmark
     from s1kit.evaluate.report import write_report
-    from s1kit.evaluate.sweep import SweepConfig, open_run, run_sweep
+    from s1kit.evaluate.record import RunRecord, open_run
+    from s1kit.evaluate.sweep import run_sweep
     from s1kit.train.recipe import SUMMARY_FILE
 
     a = run.args
@@ -275,9 +276,11 @@ def stage_eval(run: Run) -> None:
         if model != "base" and not (run.checkpoint(model) / SUMMARY_FILE).is_file():
             log(f"  {model} {bench}: skipped, the model is not trained (run the train stage)")
             continue
-        b = load_benchmark(bench, a.items)
+        whole = load_benchmark(bench)
+        b = whole.first(a.items)
         out = sweep_dir(run, model, bench)
-        open_run(out, SweepConfig(run.model_ref(model), bench, len(b.items)), plan[(model, bench)])
+        open_run(out, RunRecord.create(run.model_ref(model), bench, whole.items, plan[(model, bench)], a.items,
+                                       dtype=a.dtype), whole.items)
         tag = f"{model} {bench}" + (" (sampled)" if settings[0].accept_max is not None else "")
 
         def engine(model=model):  # run_sweep calls it only if samples are missing: a finished part loads nothing

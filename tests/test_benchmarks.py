@@ -96,5 +96,38 @@ def test_malformed_files_name_the_file_and_record(tmp_path, content, suffix, mes
 def test_unknown_benchmark_and_bad_limit():
     with pytest.raises(S1KitError, match="unknown benchmark 'nope'"):
         load_benchmark("nope")
-    with pytest.raises(S1KitError, match="--limit"):
+    with pytest.raises(S1KitError, match="limit must be >= 1"):
         load_benchmark("gsm8k", limit=0)
+
+
+def test_list_valued_answers_keep_every_listed_gold(tmp_path):
+    # OlympiadBench stores "final_answer": ["2"]; some sets list several acceptable answers
+    path = tmp_path / "olympiad.jsonl"
+    rows = [{"question": "q1", "final_answer": ["2"]}, {"question": "q2", "final_answer": ["$x=1$", " 1 "]},
+            {"question": "q3", "final_answer": 7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_benchmark(str(path), answer_field="final_answer").items
+    assert [it.gold for it in items] == [("2",), ("$x=1$", "1"), "7"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"question": "q", "answer": []}, ":1: answer field 'answer' is an empty list"),
+    ({"question": "q", "answer": {"value": 2}}, ":1: answer field 'answer' holds an object"),
+    ({"question": "q", "answer": [["2"]]}, ":1: answer field 'answer' holds a nested list"),
+    ({"question": ["q"], "answer": "2"}, ":1: question field 'question' is not text"),
+])
+def test_answer_and_question_values_that_cannot_be_graded_are_refused(tmp_path, record, message):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(S1KitError, match=message):
+        load_benchmark(str(path))
+
+
+def test_errors_name_library_parameters_not_flags(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "target": "1"}) + "\n")
+    with pytest.raises(S1KitError, match="set question_field") as e:
+        load_benchmark(str(path))
+    assert "--" not in str(e.value)
+    with pytest.raises(S1KitError, match="set answer_field"):
+        load_benchmark(str(path), question_field="prompt")

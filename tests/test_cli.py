@@ -50,16 +50,16 @@ def test_generate_human_output(engine):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-thinking", "-5", "x"], "max_thinking_tokens must be >= 0"),
-    (["--min-thinking", "64", "--max-thinking", "32", "x"], "exceeds max_thinking_tokens"),
-    (["--waits", "-1", "x"], "num_waits must be >= 0"),
+    (["--max-thinking", "-5", "x"], "--max-thinking must be >= 0"),
+    (["--min-thinking", "64", "--max-thinking", "32", "x"], "--min-thinking (64) exceeds --max-thinking (32)"),
+    (["--waits", "-1", "x"], "--waits must be >= 0"),
     (["--model", "no-such-model", "x"], "unknown model 'no-such-model'"),
     (["--stop-token", "</reasoning>", "x"], "is not a single token"),
     (["--format", "o1", "x"], "unknown thinking format"),
     (["   "], "empty prompt"),
     ([], "no prompt given"),
     (["--input", "/nonexistent.jsonl"], "no such file"),
-    (["--temperature", "-1", "x"], "temperature must be >= 0"),
+    (["--temperature", "-1", "x"], "--temperature must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(engine, args, message):
     r = s1kit("generate", *args)
@@ -83,3 +83,20 @@ def test_every_command_has_help_with_an_example():
     for cmd in ("generate", "eval", "report", "models", "bench", "curate", "train", "serve"):
         r = s1kit(cmd, "--help")
         assert r.returncode == 0 and "Example: s1kit " + cmd in r.stdout
+
+
+def test_defaults_come_from_the_library():
+    """One source per default: the flags that build a BudgetPolicy / SamplingParams default to the library's."""
+    import typer
+
+    from s1kit.budget import BudgetPolicy
+    from s1kit.cli import app
+    from s1kit.serve.schemas import DEFAULT_MAX_ANSWER_TOKENS
+
+    policy = BudgetPolicy()
+    commands = typer.main.get_command(app).commands
+    for name in ("generate", "eval"):
+        defaults = {p.name: p.default for p in commands[name].params}
+        assert defaults["max_answer"] == policy.max_answer_tokens == DEFAULT_MAX_ANSWER_TOKENS
+        assert defaults["answer_prefix"] == policy.answer_prefix
+    assert {p.name: p.default for p in commands["generate"].params}["min_thinking"] == policy.min_thinking_tokens

@@ -357,11 +357,11 @@ def test_cli_curates_math_train_into_s1k(engine, tmp_path):
     (["--pool", "no/such/file.jsonl"], "no such file"),
     (["--pool", "math-train", "--size", "0"], "size must be an integer >= 1"),
     (["--pool", "math-train", "--selection", "best"], "selection must be one of s1, random"),
-    (["--pool", "math-train", "--pool-sample", "0"], "per_pool must be an integer >= 1"),
-    (["--pool", "math-train", "--domain-classifier", "magic"], "--domain-classifier 'magic'"),
+    (["--pool", "math-train", "--pool-sample", "0"], "--pool-sample must be an integer >= 1"),
+    (["--pool", "math-train", "--domain-classifier", "magic"], "--domain-classifier must be auto, keyword, field:NAME"),
     (["--pool", "math-train", "--decontaminate", "nosuchbench"], "--decontaminate nosuchbench"),
     (["--pool", "math-train", "--engine", "remote"], "--engine remote needs --base-url"),
-    (["--pool", "math-train", "--min-overlap", "2"], "min_overlap must be in [0, 1]"),
+    (["--pool", "math-train", "--min-overlap", "2"], "--min-overlap must be in [0, 1]"),
     (["--pool", "EMPTY"], "no records"),
 ])
 def test_cli_errors(tmp_path, args, message):

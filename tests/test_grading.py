@@ -83,3 +83,18 @@ def test_grading_off_the_main_thread_and_in_worker_processes():
         assert g.grade_many(preds, golds, ["math"] * len(preds)) == expected
     with pytest.raises(ValueError, match="unknown answer kind"):
         grade("1", "1", "essay")
+
+
+def test_a_list_of_golds_accepts_any_listed_answer():
+    assert grade("4", ("4",)) and grade("4", ("four", "4")) and grade("x = 1", ("$x=1$", "1"))
+    assert not grade("5", ("four", "4")) and not grade("", ("4",))
+    with Grader(workers=2, pool_threshold=1) as g:  # the pool path too
+        assert g.grade_many(["\\frac{2}{4}", "3", "0.5"], [("7", "0.5"), ("4",), "\\frac{1}{2}"], ["math"] * 3) == \
+            [True, False, True]
+    assert grade("B", ("B",), "mc")
+
+
+def test_the_grader_version_is_an_integer_recorded_by_runs():
+    from s1kit.data.grading import GRADER_VERSION
+
+    assert isinstance(GRADER_VERSION, int) and GRADER_VERSION >= 2  # 2: list-valued golds

@@ -17,7 +17,7 @@ from s1kit import BUNDLED, BudgetPolicy, Request, S1KitError, SamplingParams, Th
 from s1kit.data.benchmarks import load_benchmark
 from s1kit.engines.reference import stop_and_continue
 from s1kit.engines.remote import RemoteEngine
-from s1kit.evaluate.sweep import SweepConfig, build_grid, open_run, run_sweep
+from s1kit.evaluate.sweep import build_grid, run_sweep
 from s1kit.models import bundled_files
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
@@ -197,7 +197,6 @@ def test_seeded_samples_are_reproducible_and_n_gives_n(remote):
 def test_sweep_keeps_eight_requests_in_flight(remote, tmp_path):
     bench = load_benchmark("gsm8k", limit=8)
     settings = build_grid(["budget"], [16], max_answer=8)
-    open_run(tmp_path, SweepConfig("smollm2-135m", "gsm8k", 8), settings)
     remote.peak_in_flight = 0
     records = run_sweep(remote, bench, settings, tmp_path, chunk=16)
     assert len(records) == 8 and remote.peak_in_flight == 8

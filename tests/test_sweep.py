@@ -6,13 +6,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
 from s1kit import S1KitError
 from s1kit.data.benchmarks import load_benchmark
 from s1kit.evaluate.report import write_report
-from s1kit.evaluate.sweep import SweepConfig, build_grid, open_run, prediction, regrade_run, run_sweep
+from s1kit.evaluate.record import RunDir, RunInUse, RunMismatch, RunRecord, open_run, regrade_run
+from s1kit.evaluate.sweep import build_grid, prediction, run_sweep
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -26,8 +28,8 @@ def test_grid_shapes_and_errors():
     g = build_grid(["budget"], [16, 32], [0], [0, 2])
     assert [s.label for s in g] == ["max=16", "max=16,waits=2", "max=32", "max=32,waits=2"]
     assert all(s.hi == s.policy.max_thinking_tokens for s in g)
-    g = build_grid(["budget"], [16], [0, 32], [0])  # min > max is skipped
-    assert [s.label for s in g] == ["max=16"]
+    g = build_grid(["budget"], [16, 64], [0, 32], [0])  # min > max is skipped for that cap
+    assert [s.label for s in g] == ["max=16", "max=64", "max=64,min=32"]
     methods = ["token-conditional", "step-conditional", "class-conditional", "rejection"]
     g = build_grid(methods, [100, 200])
     assert [s.key for s in g] == ["token-conditional:tokens=100", "token-conditional:tokens=200",
@@ -41,19 +43,31 @@ def test_grid_shapes_and_errors():
         build_grid(["rejection"], [None])
 
 
+def test_grid_refuses_a_minimum_above_every_cap_and_labels_a_cap_of_zero():
+    with pytest.raises(S1KitError, match="min_thinking_tokens 50 exceeds every max_thinking_tokens"):
+        build_grid(["budget"], [10], [50])
+    assert [s.label for s in build_grid(["budget"], [10, None], [50])] == ["min=50"]  # uncapped takes any minimum
+    assert [s.key for s in build_grid(["budget"], [0, None])] == ["budget:max=0", "budget:unforced"]
+    with pytest.raises(ValueError, match="max_answer_tokens must be >= 1"):
+        build_grid(max_answer=0)
+    # wait strings only count where a stop can be suppressed
+    a, b = build_grid(["budget"], [8], waits=[0, 1], wait_strings=["Hmm"])
+    assert a.policy.wait_strings == ("Wait",) and b.policy.wait_strings == ("Hmm",) and b.label == "max=8,waits=1,wait=Hmm"
+
+
 def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engine, tmp_path):
     bench = load_benchmark("gsm8k", limit=3)
     settings = build_grid(["budget", "rejection"], [8, 24], max_answer=8)
     out = tmp_path / "run"
-    open_run(out, SweepConfig("smollm2-135m", "gsm8k", 3), settings)
+    open_run(out, RunRecord.create("smollm2-135m", "gsm8k", bench.items, settings), bench.items)
     calls = []
 
     class Counting:  # the real engine, counting how many sequences it is asked for
         tokenizer = engine.tokenizer
 
-        def generate(self, requests, on_progress=None):
+        def generate(self, requests, on_progress=None, on_complete=None):
             calls.append(len(requests))
-            return engine.generate(requests, on_progress)
+            return engine.generate(requests, on_progress, on_complete)
 
     records = run_sweep(Counting(), bench, settings, out, max_tries=3)
     assert len(records) == len(settings) * 3
@@ -84,7 +98,7 @@ def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engi
 def test_eval_cli_writes_report_and_reruns_compute_nothing(engine, tmp_path):
     out = tmp_path / "ev"
     args = ["eval", "--model", "smollm2-135m", "--benchmark", "gsm8k", "--limit", "4", "--max-thinking", "16,32",
-            "--out", str(out)]
+            "--max-answer", "32", "--out", str(out)]
     r = s1kit(*args)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -105,8 +119,8 @@ def test_eval_cli_writes_report_and_reruns_compute_nothing(engine, tmp_path):
     assert r.returncode == 0 and f"regraded {len(spoiled)} samples: {len(spoiled)} changed" in r.stdout, r.stdout
     assert json.loads((out / "summary.json").read_text()) == summary
     # the same directory refuses another model's results
-    r = s1kit("eval", "--model", "qwen2.5-coder-0.5b", "--benchmark", "gsm8k", "--limit", "4", "--out", str(out))
-    assert r.returncode == 2 and "holds results for model='smollm2-135m'" in r.stderr
+    r = s1kit(*args, "--model", "qwen2.5-coder-0.5b")
+    assert r.returncode == 2 and "--model 'smollm2-135m' (asked: 'qwen2.5-coder-0.5b')" in r.stderr, r.stderr
 
 
 def test_killed_eval_resumes_to_the_same_summary(engine, tmp_path):
@@ -136,8 +150,8 @@ def test_killed_eval_resumes_to_the_same_summary(engine, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-thinking", "16,abc"], "'abc' is not an integer"),
-    (["--max-thinking", "-4"], "budgets must be >= 0"),
-    (["--samples", "3"], "needs sampling"),
+    (["--max-thinking", "-4"], "--max-thinking must be >= 0"),
+    (["--samples", "3"], "--samples > 1 needs --temperature > 0"),
     (["--method", "beam", "--max-thinking", "8"], "unknown method"),
     (["--benchmark", "/no/such.jsonl"], "unknown benchmark"),
 ])
@@ -158,8 +172,63 @@ def test_a_blank_answer_is_graded_from_the_thinking():
 
 
 def test_regrade_bad_input(tmp_path):
-    with pytest.raises(S1KitError, match="not a sweep directory"):
+    with pytest.raises(S1KitError, match="not a run directory"):
         regrade_run(tmp_path)
-    open_run(tmp_path, SweepConfig("m", "no-such-benchmark.jsonl", 1), build_grid(max_thinking=[8]))
+    open_run(tmp_path, RunRecord.create("m", "no-such-benchmark.jsonl", [], build_grid(max_thinking=[8])), [])
     with pytest.raises(S1KitError, match="cannot regrade .*no-such-benchmark.jsonl"):
         regrade_run(tmp_path)
+
+
+def test_the_run_record_extends_a_selection_and_names_what_differs(tmp_path):
+    items = load_benchmark("gsm8k").items
+    grid = build_grid(["budget"], [8, 16], max_answer=8)
+    first = open_run(tmp_path, RunRecord.create("m", "gsm8k", items, grid[:1], limit=4), items)
+    assert first.items == tuple(it.id for it in items[:4]) and RunDir(tmp_path).read() == first
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"setting": grid[0].key, "item_id": items[0].id, "sample": 0})
+                                            + "\n")  # a stored sample: the record binds
+    # more items and another setting extend it; fewer items change nothing
+    grown = open_run(tmp_path, RunRecord.create("m", "gsm8k", items, grid, limit=6, samples=1), items)
+    assert grown.items == tuple(it.id for it in items[:6]) and [s.key for s in grown.settings] == [s.key for s in grid]
+    assert open_run(tmp_path, RunRecord.create("m", "gsm8k", items, grid[:1], limit=2), items) == grown
+    # anything that changes the samples is refused, every difference named, nothing written
+    before = (tmp_path / "config.json").read_bytes()
+    other = RunRecord.create("m2", "gsm8k", items, build_grid(["budget"], [8], max_answer=16), limit=4, temperature=0.5)
+    with pytest.raises(RunMismatch) as e:
+        open_run(tmp_path, other, items)
+    assert {name for name, _, _ in e.value.differences} == {"model", "temperature", "max_answer_tokens"}
+    assert "max_answer_tokens 8 (asked: 16)" in str(e.value)
+    edited = [items[0], replace(items[1], gold="-1"), *items[2:]]  # a benchmark file edited since the run
+    with pytest.raises(RunMismatch, match="benchmark items"):
+        open_run(tmp_path, RunRecord.create("m", "gsm8k", edited, grid, limit=6), edited)
+    assert (tmp_path / "config.json").read_bytes() == before
+    # a record whose run stored no sample (a start that failed) binds nothing
+    (tmp_path / "samples.jsonl").unlink(missing_ok=True)
+    assert open_run(tmp_path, other, items) == other
+    (tmp_path / "config.json").write_bytes(before)
+    # samples without a record cannot be resumed: what made them is unknown
+    (tmp_path / "samples.jsonl").write_text("{}\n")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(S1KitError, match="holds samples.jsonl but no config.json"):
+        open_run(tmp_path, other, items)
+    (tmp_path / "config.json").write_bytes(before)
+    # a damaged record names its file
+    (tmp_path / "config.json").write_text(before.decode()[:40])
+    with pytest.raises(S1KitError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        RunDir(tmp_path).read()
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.writer():
+        with pytest.raises(RunInUse, match=f"{tmp_path / 'run'} is in use: another process writes it \\(pid {os.getpid()}\\)"):
+            with RunDir(tmp_path / "run").writer():
+                pass
+    assert not run.path.exists()  # created for nothing: removed again
+    with run.writer():
+        run.write(RunRecord.create("m", "gsm8k", [], build_grid()))
+    with run.writer():  # released on the way out
+        assert run.read() is not None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(S1KitError, match="is a file, not a run directory"):
+        with RunDir(tmp_path / "file").writer():
+            pass

@@ -149,7 +149,7 @@ def test_recipe_defaults_reach_trl(tmp_path):
     assert not fp32.bf16 and fp32.tf32 == (True if torch.cuda.is_available() else None)
     assert sft_config(Recipe(batch_size=16, micro_batch_size=2), tmp_path, processes=4).gradient_accumulation_steps == 2
     assert Recipe(lora=True).lr == 1e-4
-    with pytest.raises(ValueError, match="multiple of micro-batch-size x processes"):
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x processes"):
         sft_config(Recipe(batch_size=16, micro_batch_size=2), tmp_path, processes=3)
     for bad in (dict(batch_size=16, micro_batch_size=3), dict(block_size=0), dict(max_steps=0), dict(epochs=0)):
         with pytest.raises(ValueError):
@@ -162,7 +162,8 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, rows):
     cases = [
         (["--data", str(bad)], f"{bad}:2: empty thinking trace"),
         (["--data", str(tmp_path / "none.jsonl")], "no such file"),
-        (["--data", str(bad), "--batch-size", "16", "--micro-batch-size", "3"], "multiple of micro-batch-size"),
+        (["--data", str(bad), "--batch-size", "16", "--micro-batch-size", "3"],
+         "--batch-size 16 must be a multiple of --micro-batch-size 3"),
         (["--data", str(bad), "--format", "o1"], "unknown thinking format"),
         (["--data", str(bad), "--fsdp"], "--fsdp needs NVIDIA GPUs"),
     ]
@@ -318,7 +319,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
     with pytest.raises(Cut):
         train("smollm2-135m", data, tmp_path / "cut", recipe, on_log=cut_at_step_3)
     assert last_checkpoint(tmp_path / "cut").name == "checkpoint-2"
-    with pytest.raises(S1KitError, match="--resume to continue from its last checkpoint"):
+    with pytest.raises(S1KitError, match="resume=True to continue from its last checkpoint"):
         train("smollm2-135m", data, tmp_path / "cut", recipe)
     seen = []
     resumed = train("smollm2-135m", data, tmp_path / "cut", recipe, resume=True, on_log=lambda d: seen.append(d["step"]))
@@ -337,7 +338,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
 
     no_periodic = replace(recipe, save_steps=None)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(S1KitError, match="stopped by SIGTERM at step 3 of 4; checkpoint-3 .* --resume"):
+    with pytest.raises(S1KitError, match="stopped by SIGTERM at step 3 of 4; checkpoint-3 .* resume=True"):
         train("smollm2-135m", data, tmp_path / "term", no_periodic, on_log=term_at_step_2)
     assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is gone with it
     assert not (tmp_path / "term" / "model.safetensors").exists()

@@ -10,6 +10,19 @@ from .engines.base import Completion, Engine, Request, SamplingParams
 from .formats import Messages, ThinkingFormat
 
 
+def check_engine(engine: str, base_url: str | None = None, **remote_options: Any) -> None:
+    """``ValueError`` unless ``engine`` is ``"hf"`` or ``"remote"`` and the options given belong to it: a remote
+    engine needs ``base_url``; an in-process one takes neither it nor remote options."""
+    if engine not in ("hf", "remote"):
+        raise ValueError(f"unknown engine {engine!r}: use hf or remote")
+    if engine == "remote" and not base_url:
+        raise ValueError("the remote engine needs base_url (e.g. http://127.0.0.1:8080/v1)")
+    if engine == "hf" and base_url is not None:
+        raise ValueError("base_url is only used with the remote engine")
+    if engine == "hf" and remote_options:
+        raise ValueError(f"{' and '.join(sorted(remote_options))} is only used with the remote engine")
+
+
 def make_engine(
     model: str = "smollm2-135m",
     engine: str = "hf",
@@ -25,19 +38,14 @@ def make_engine(
     ``max_model_len`` fixes the hf fast path's cache length (a server). ``remote_options`` (``api_key``,
     ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
     """
+    check_engine(engine, base_url, **remote_options)
     if engine == "hf":
-        if base_url is not None:
-            raise ValueError("--base-url is only used with --engine remote")
         from .engines.hf import HFEngine
 
         return HFEngine.load(model, device=device, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len)
-    if engine == "remote":
-        if not base_url:
-            raise ValueError("--engine remote needs --base-url (e.g. http://127.0.0.1:8080/v1)")
-        from .engines.remote import RemoteEngine
+    from .engines.remote import RemoteEngine
 
-        return RemoteEngine(base_url, model, **remote_options)
-    raise ValueError(f"unknown engine {engine!r}: use 'hf' or 'remote'")
+    return RemoteEngine(base_url, model, **remote_options)
 
 
 @lru_cache(maxsize=4)

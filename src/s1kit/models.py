@@ -162,26 +162,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(ref: str) -> Path | str:
-    """Turn a reference into something ``from_pretrained`` takes: a local dir (converting once) or a hub id."""
+def check_reference(ref: str) -> None:
+    """Fail now, cheaply, on a reference that cannot load: nothing is converted, read or downloaded (a run can
+    refuse a typo before it writes anything)."""
     if ref in BUNDLED:
-        model = BUNDLED[ref]
-        target = cache_dir() / "models" / f"{ref}-{model.sha256[:12]}"
-        if not (target / "config.json").is_file():
-            cache_dir().mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache_dir()) as work:  # holds the joined parts
-                _convert_gguf(_assemble_gguf(model, Path(work)), target)
-        return target
+        if not (cache_dir() / "models" / f"{ref}-{BUNDLED[ref].sha256[:12]}" / "config.json").is_file():
+            bundled_files(BUNDLED[ref])
+        return
+    _local_or_hub(ref)
+
+
+def _local_or_hub(ref: str) -> Path | str:
+    """A local ``.gguf`` file or model directory as a path, or a Hugging Face id as it is; ``S1KitError`` otherwise."""
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise S1KitError(f"GGUF file not found: {ref}")
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        target = cache_dir() / "models" / f"{path.stem}-{key}"
-        if not (target / "config.json").is_file():
-            _convert_gguf(path.resolve(), target)
-        return target
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise S1KitError(f"{ref} is a directory but has no config.json (not a transformers model)")
@@ -196,6 +193,27 @@ def resolve(ref: str) -> Path | str:
     return ref
 
 
+def resolve(ref: str) -> Path | str:
+    """Turn a reference into something ``from_pretrained`` takes: a local dir (converting once) or a hub id."""
+    if ref in BUNDLED:
+        model = BUNDLED[ref]
+        target = cache_dir() / "models" / f"{ref}-{model.sha256[:12]}"
+        if not (target / "config.json").is_file():
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache_dir()) as work:  # holds the joined parts
+                _convert_gguf(_assemble_gguf(model, Path(work)), target)
+        return target
+    found = _local_or_hub(ref)
+    if ref.endswith(".gguf"):
+        st = found.stat()
+        key = hashlib.sha256(f"{found.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir() / "models" / f"{found.stem}-{key}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(found.resolve(), target)
+        return target
+    return found
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     import torch
@@ -203,22 +221,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str | None = None) -> str:
+    """The precision a model loads in when none is asked for: bfloat16 on a GPU, float32 elsewhere."""
+    return "bfloat16" if (device or default_device()).startswith("cuda") else "float32"
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a name such as ``bfloat16``; ``S1KitError`` for a name that is not one."""
+    import torch
+
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise S1KitError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    return found
+
+
 def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a bundled name, ``.gguf`` path, local dir or Hugging Face id.
 
     Defaults: the GPU when present in bfloat16, else the CPU in float32.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars are noise here; conversions print one line
     device = device or default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = torch_dtype(dtype or default_dtype(device)) if dtype is None or isinstance(dtype, str) else dtype
     source = resolve(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -44,7 +44,7 @@ def load_eval_sets(names: Sequence[str]) -> dict[str, list[str]]:
         try:
             out[name] = [it.question for it in load_benchmark(name).items]
         except S1KitError as e:
-            raise S1KitError(f"--decontaminate {name}: {e}") from None
+            raise S1KitError(f"eval_sets {name}: {e}") from None
     return out
 
 

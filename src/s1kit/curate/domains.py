@@ -214,8 +214,7 @@ def parse_classifier(spec: str, make_engine: Callable[[str], Engine | Callable[[
         if make_engine is None:
             raise ValueError("an llm domain classifier needs an engine factory")
         return LLMClassifier(NamedEngine(arg, make_engine(arg)))
-    raise ValueError(f"--domain-classifier {spec!r}: use auto, keyword, field:NAME (e.g. field:subject) "
-                     "or llm:MODEL")
+    raise ValueError(f"classifier must be auto, keyword, field:NAME (e.g. field:subject) or llm:MODEL, got {spec!r}")
 
 
 def classify_domains(

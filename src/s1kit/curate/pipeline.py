@@ -65,6 +65,7 @@ def curate(
     progress: Progress = no_progress,
     selection: str = "s1",
     per_pool: int | None = None,
+    question_field: str | None = None,
 ) -> CurationResult:
     """Run the whole pipeline and write ``out`` (s1K JSONL) plus the report beside it.
 
@@ -84,7 +85,7 @@ def curate(
         stages.append(result[1])
         return result[0]
 
-    table = run(load_pool(pools, per_pool, seed))
+    table = run(load_pool(pools, per_pool, seed, question_field))
     table = run(quality(table))
     table = run(decontaminate(table, eval_sets, min_overlap=min_overlap))
     if teacher is not None:
@@ -101,7 +102,7 @@ def curate(
         "teacher": teacher.name if teacher else None, "classifier": classifier.name,
         "tokenizer": tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "?"),
         "workdir": str(workdir), "solution_traces": solution_traces, "selection": selection,
-        "per_pool": per_pool,
+        "per_pool": per_pool, "question_field": question_field,
     }
     summary = write_report(out.parent, stages, selected, candidates, config)
     return CurationResult(selected, stages, summary, out)

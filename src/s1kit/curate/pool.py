@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -91,11 +92,12 @@ def gold_answer(rec: dict, solution: str) -> str:
     return short if short and len(short) <= 40 and "\n" not in short else ""
 
 
-def normalize_record(rec: Any, source: str) -> tuple[dict | None, str | None]:
-    """One raw record as a working row, or ``(None, reason)`` when it is malformed."""
+def normalize_record(rec: Any, source: str, question_field: str | None = None) -> tuple[dict | None, str | None]:
+    """One raw record as a working row, or ``(None, reason)`` when it is malformed. The question is read from
+    ``question_field`` when given, else from the first of ``QUESTION_FIELDS`` present."""
     if not isinstance(rec, dict):
         return None, "not a JSON object"
-    q_name = _first(rec, QUESTION_FIELDS)
+    q_name = _first(rec, (question_field,) if question_field else QUESTION_FIELDS)
     if q_name is None or not isinstance(rec[q_name], str) or not rec[q_name].strip():
         return None, "missing question"
     traces = rec.get("thinking_trajectories")
@@ -109,7 +111,7 @@ def normalize_record(rec: Any, source: str) -> tuple[dict | None, str | None]:
     s_name = _first(rec, SOLUTION_FIELDS) or _first(rec, ANSWER_FIELDS)
     solution = str(rec[s_name]) if s_name else ""
     meta = parse_metadata(rec.get("metadata"))
-    meta.update({k: v for k, v in rec.items() if k not in _OWN})
+    meta.update({k: v for k, v in rec.items() if k not in _OWN and k != q_name})
     question = rec[q_name].strip()
     return {
         "uid": question_uid(question),
@@ -187,10 +189,12 @@ def as_table(data: Any, source: str = "table") -> pa.Table:
     return rows_to_table(rows)
 
 
-def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int = 0) -> tuple[pa.Table, StageReport]:
+def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int = 0,
+              question_field: str | None = None) -> tuple[pa.Table, StageReport]:
     """Read and normalise pools (files, HF ids, ``math-train``/``gsm8k-train``) into one working table.
 
-    ``per_pool`` keeps that many rows of each pool, drawn at random (seeded, independent of file order)."""
+    ``per_pool`` keeps that many rows of each pool, drawn at random (seeded, independent of file order). A pool
+    none of whose rows can be used is an error naming the commonest reason (an unnamed question field, say)."""
     if per_pool is not None:
         require_int("per_pool", per_pool)
     timer = Timer()
@@ -200,18 +204,21 @@ def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int 
     rows, report = [], StageReport("load", "collected: malformed rows dropped")
     for ref in refs:
         records, source = _records(ref)
-        seen, mine = 0, []
+        seen, mine, reasons = 0, [], Counter()
         for rec, reason in records:
             seen += 1
             row = None
             if reason is None:
-                row, reason = normalize_record(rec, source)
+                row, reason = normalize_record(rec, source, question_field)
             if row is None:
                 report.drop(reason, f"{ref} row {seen}")
+                reasons[reason] += 1
             else:
                 mine.append(row)
         if seen == 0:
             raise S1KitError(f"pool {ref}: no records")
+        if not mine:
+            raise S1KitError(_unusable(ref, reasons.most_common(1)[0], seen, question_field))
         if per_pool is not None and len(mine) > per_pool:
             mine.sort(key=lambda r: r["uid"])
             why = f"not sampled ({per_pool} per pool)"
@@ -223,6 +230,15 @@ def load_pool(refs: str | Sequence[str], per_pool: int | None = None, seed: int 
     report.rows_out = len(rows)
     report.seconds = timer()
     return rows_to_table(rows), report
+
+
+def _unusable(ref: str, commonest: tuple[str, int], rows: int, question_field: str | None) -> str:
+    reason, n = commonest
+    message = f"pool {ref}: none of its {rows} rows can be used ({reason}: {n})"
+    if reason == "missing question":
+        want = repr(question_field) if question_field else "|".join(QUESTION_FIELDS)
+        message += f"; no row has the question field {want}: set question_field to the field that holds it"
+    return message
 
 
 def s1k_rows(table: pa.Table) -> list[dict]:

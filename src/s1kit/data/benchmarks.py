@@ -23,11 +23,12 @@ MC_LETTERS = "ABCDEFGHIJ"
 
 @dataclass(frozen=True)
 class Item:
-    """One question with its gold answer; ``kind`` is ``math`` (symbolic) or ``mc`` (a letter)."""
+    """One question with its gold answer; ``kind`` is ``math`` (symbolic) or ``mc`` (a letter). A list-valued
+    answer field gives a tuple of golds, any of which is right."""
 
     id: str
     question: str
-    gold: str
+    gold: str | tuple[str, ...]
     kind: str = "math"
     meta: dict = field(default_factory=dict, compare=False)
 
@@ -38,6 +39,14 @@ class Benchmark:
 
     name: str
     items: list[Item]
+
+    def first(self, limit: int | None) -> "Benchmark":
+        """The benchmark cut to its first ``limit`` items (all of them when None)."""
+        if limit is None:
+            return self
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise S1KitError(f"limit must be >= 1, got {limit!r}")
+        return Benchmark(self.name, self.items[:limit])
 
 
 def last_boxed(text: str) -> str | None:
@@ -101,6 +110,42 @@ def _pick(rec: dict, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def _text(value: Any) -> str | None:
+    """A scalar field value as text (numbers too); None for lists, objects, and text that is not valid Unicode
+    (a lone surrogate such as a JSON "\\ud800", which no tokenizer takes)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _gold(value: Any, name: str, where: str) -> str | tuple[str, ...] | None:
+    """The gold of an answer field: its text (GSM8K's ``#### N`` read), or a tuple of the texts of a list."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise S1KitError(f"{where}: answer field {name!r} is an empty list")
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise S1KitError(f"{where}: answer field {name!r} holds a nested list or object; set answer_field "
+                             "to a field with one answer or a list of answers")
+        golds = tuple(g for g in (_gold(v, name, where) for v in value) if g)
+        if not golds:
+            raise S1KitError(f"{where}: answer field {name!r} lists no answer")
+        return golds
+    if isinstance(value, dict):
+        raise S1KitError(f"{where}: answer field {name!r} holds an object, not an answer; set answer_field")
+    text = _text(value)
+    if text is None:
+        raise S1KitError(f"{where}: answer field {name!r} holds {type(value).__name__} {ascii(value)}, not an answer "
+                         "(text that is not valid Unicode?)")
+    text = text.strip()
+    return gsm8k_gold(text) if "####" in text else text
+
+
 def items_from_records(
     records: list[tuple[int, dict]],
     where: str,
@@ -109,14 +154,19 @@ def items_from_records(
     seed: int = 0,
 ) -> list[Item]:
     """Items from generic records: question/answer fields detected unless named; multiple choice detected
-    from GPQA's ``Incorrect Answer 1..3``; gold from the last ``\\boxed{}`` of a solution or ``#### N``."""
+    from GPQA's ``Incorrect Answer 1..3``; gold from the last ``\\boxed{}`` of a solution or ``#### N``; a list of
+    answers is kept as a tuple of golds (any of them is right)."""
     items = []
     for n, rec in records:
         q_name = question_field or _pick(rec, QUESTION_FIELDS)
         if q_name is None or rec.get(q_name) in (None, ""):
-            want = question_field or "|".join(QUESTION_FIELDS)
-            raise S1KitError(f"{where}:{n}: missing question field ({want}); name it with --question-field")
-        question = str(rec[q_name])
+            want = repr(question_field) if question_field else "|".join(QUESTION_FIELDS)
+            raise S1KitError(f"{where}:{n}: missing question field ({want}); set question_field to the field "
+                             "that holds the question")
+        question = _text(rec[q_name])
+        if question is None:
+            raise S1KitError(f"{where}:{n}: question field {q_name!r} is not text (a {type(rec[q_name]).__name__}, or "
+                             "text that is not valid Unicode); set question_field")
         rid = str(rec[_pick(rec, ID_FIELDS)]) if _pick(rec, ID_FIELDS) else str(n)
         if "Incorrect Answer 1" in rec:
             items.append(_multiple_choice(rec, question, rid, where, n, answer_field, seed))
@@ -124,14 +174,13 @@ def items_from_records(
         a_name = answer_field or _pick(rec, ANSWER_FIELDS)
         gold = None
         if a_name is not None and rec.get(a_name) not in (None, ""):
-            gold = str(rec[a_name]).strip()
-            if "####" in gold:
-                gold = gsm8k_gold(gold)
+            gold = _gold(rec[a_name], a_name, f"{where}:{n}")
         elif answer_field is None and (s_name := _pick(rec, SOLUTION_FIELDS)):
             gold = last_boxed(str(rec[s_name]))
         if not gold:
-            want = answer_field or "|".join(ANSWER_FIELDS) + " or a solution with \\boxed{}"
-            raise S1KitError(f"{where}:{n}: missing answer field ({want}); name it with --answer-field")
+            want = repr(answer_field) if answer_field else "|".join(ANSWER_FIELDS) + " or a solution with \\boxed{}"
+            raise S1KitError(f"{where}:{n}: missing answer field ({want}); set answer_field to the field that "
+                             "holds the answer")
         meta = {k: rec[k] for k in ("subject", "type", "level", "category") if k in rec}
         items.append(Item(rid, question, gold, "math", meta))
     return items
@@ -141,11 +190,15 @@ def _multiple_choice(rec: dict, question: str, rid: str, where: str, n: int, ans
     correct_name = answer_field or "Correct Answer"
     if rec.get(correct_name) in (None, ""):
         raise S1KitError(f"{where}:{n}: missing answer field ({correct_name!r})")
-    options = [str(rec[correct_name]).strip()]
-    k = 1
-    while f"Incorrect Answer {k}" in rec:
-        options.append(str(rec[f"Incorrect Answer {k}"]).strip())
-        k += 1
+    names = [correct_name]
+    while f"Incorrect Answer {len(names)}" in rec:
+        names.append(f"Incorrect Answer {len(names)}")
+    options = []
+    for name in names:
+        text = _text(rec[name])
+        if text is None:
+            raise S1KitError(f"{where}:{n}: option {name!r} is not text")
+        options.append(text.strip())
     order = list(range(len(options)))
     random.Random(f"{seed}:{rid}").shuffle(order)  # seeded per item: stable across runs and subsets
     lines = [f"{MC_LETTERS[i]}) {options[j]}" for i, j in enumerate(order)]
@@ -221,8 +274,7 @@ def load_benchmark(
     seed: int = 0,
 ) -> Benchmark:
     """A registered benchmark by name, or a local file; the first ``limit`` items if given."""
-    if limit is not None and limit < 1:
-        raise S1KitError(f"--limit must be >= 1, got {limit}")
+    Benchmark(name, []).first(limit)  # a bad limit fails before anything is read
     if name in REGISTRY:
         items = REGISTRY[name][1]()
     else:
@@ -234,4 +286,4 @@ def load_benchmark(
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):  # ids key the resumable sample store: make them unique
         items = [Item(f"{i}:{it.id}", it.question, it.gold, it.kind, it.meta) for i, it in enumerate(items)]
-    return Benchmark(name, items[:limit] if limit else items)
+    return Benchmark(name, items).first(limit)

@@ -11,9 +11,16 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import re
 import threading
-from typing import Sequence
+from typing import Sequence, Union
 
 from .benchmarks import last_boxed
+
+# Bumped whenever a change to extraction or grading can change a grade; sweeps record it, and a rerun into a run
+# graded by another version is refused until ``s1kit report --regrade`` grades its samples again.
+# 1: math-verify + extraction rules; 2: list-valued golds (any listed answer is right).
+GRADER_VERSION = 2
+
+Gold = Union[str, Sequence[str]]  # one answer, or several acceptable ones (a list-valued answer field)
 
 _ANSWER_MARK = re.compile(r"(?:final\s+answer|answer)\s*(?:is)?\s*[:：]?", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -78,8 +85,16 @@ def _symbolic(pred: str, gold: str, timeout: int | None) -> bool:
     return bool(verify(g, p, timeout_seconds=t))
 
 
-def grade(prediction: str, gold: str, kind: str = "math", timeout: int | None = 5) -> bool:
-    """Is ``prediction`` (an extracted answer, or a choice text for ``mc``) equal to ``gold``?"""
+def golds_of(gold: Gold) -> tuple[str, ...]:
+    """The acceptable answers of a gold: itself, or each entry of a list."""
+    return (gold,) if isinstance(gold, str) else tuple(gold)
+
+
+def grade(prediction: str, gold: Gold, kind: str = "math", timeout: int | None = 5) -> bool:
+    """Is ``prediction`` (an extracted answer, or a choice text for ``mc``) equal to ``gold`` (or to any answer of
+    a list of golds)?"""
+    if not isinstance(gold, str):
+        return any(grade(prediction, g, kind, timeout) for g in gold)
     if kind == "mc":
         return extract_choice(prediction) == gold.strip().upper()
     if kind != "math":
@@ -94,7 +109,7 @@ def grade(prediction: str, gold: str, kind: str = "math", timeout: int | None = 
         return False
 
 
-def _grade_args(args: tuple[str, str, str, int | None]) -> bool:
+def _grade_args(args: tuple[str, Gold, str, int | None]) -> bool:
     return grade(*args)
 
 
@@ -125,17 +140,18 @@ class Grader:
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
         return self._pool
 
-    def grade_many(self, predictions: Sequence[str], golds: Sequence[str], kinds: Sequence[str]) -> list[bool]:
-        """Grades for aligned lists of extracted predictions, golds and kinds."""
+    def grade_many(self, predictions: Sequence[str], golds: Sequence[Gold], kinds: Sequence[str]) -> list[bool]:
+        """Grades for aligned lists of extracted predictions, golds (one answer or a list of them) and kinds."""
         out: list[bool | None] = []
         hard: list[int] = []
         for i, (p, g, k) in enumerate(zip(predictions, golds, kinds)):
-            if k == "mc" or not p.strip() or normalize(p) == normalize(g):
+            if k == "mc" or not p.strip() or any(normalize(p) == normalize(x) for x in golds_of(g)):
                 out.append(grade(p, g, k))
             else:
                 out.append(None)
                 hard.append(i)
-        if len(hard) < self.pool_threshold:
+        # Off the main thread (an engine's completion callback) math-verify cannot bound its own time: use the pool.
+        if not hard or len(hard) < self.pool_threshold and threading.current_thread() is threading.main_thread():
             for i in hard:
                 out[i] = grade(predictions[i], golds[i], kinds[i], self.timeout)
             return [bool(x) for x in out]

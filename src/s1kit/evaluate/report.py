@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..plots import saved_figure
 from .metrics import SCALING_UNIT, method_metrics, summarize
-from .sweep import METHODS, SampleStore, Setting
+from .sweep import METHODS, SampleStore, Setting, selected
 
 
 def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: dict | None = None) -> dict:
@@ -99,9 +99,11 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, settings: Sequence[Setting], meta: dict | None = None) -> dict:
-    """Write ``summary.json``, ``scaling.png`` and ``report.md`` for the samples in ``out``."""
-    records = list(SampleStore(out / "samples.jsonl").records.values())
+def write_report(out: Path, settings: Sequence[Setting], meta: dict | None = None,
+                 item_ids: Sequence[str] | None = None, samples: int | None = None) -> dict:
+    """Write ``summary.json``, ``scaling.png`` and ``report.md`` for the samples in ``out`` of these settings and,
+    when given, only these items and the first ``samples`` samples of each."""
+    records = selected(SampleStore(out / "samples.jsonl").records.values(), settings, item_ids, samples)
     summary = build_summary(records, settings, meta)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_scaling(summary, out / "scaling.png")

@@ -2,6 +2,7 @@
 
 Every graded sample is appended to ``samples.jsonl`` at once; a rerun of the same command loads the
 store, skips what is done and computes only the rest. A line cut short by a kill is ignored and redone.
+What a run directory holds is recorded and checked by ``record.py``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import hashlib
 import itertools
 import json
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..budget import BudgetPolicy
 from ..data.benchmarks import MC_LETTERS, Benchmark, Item
-from ..data.files import open_append, read_appended, write_jsonl
-from ..data.grading import Grader, extract_answer, extract_choice
-from ..engines.base import Engine, Request, SamplingParams
-from ..errors import S1KitError
+from ..data.files import open_append, read_appended
+from ..data.grading import Gold, Grader, extract_answer, extract_choice, golds_of
+from ..engines.base import Completion, Engine, Request, SamplingParams
+from ..errors import S1KitError, require_int
 from ..formats import ThinkingFormat
 
 METHODS = ("budget", "token-conditional", "step-conditional", "class-conditional", "rejection")
@@ -47,7 +48,10 @@ class Setting:
 
 
 def _label(parts: Iterable[tuple[str, Any]]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parts if v not in (None, 0, "")) or "unforced"
+    return ",".join(f"{k}={v}" for k, v in parts if v not in (None, 0, "") or (k == "max" and v == 0)) or "unforced"
+
+
+_DEFAULT = BudgetPolicy()  # the library's defaults are the sweep's (and the command line's)
 
 
 def build_grid(
@@ -55,12 +59,13 @@ def build_grid(
     max_thinking: Sequence[int | None] = (None,),
     min_thinking: Sequence[int] = (0,),
     waits: Sequence[int] = (0,),
-    wait_strings: Sequence[str] = ("Wait",),
-    answer_prefix: str = "Final Answer:",
-    max_answer: int = 256,
+    wait_strings: Sequence[str] = _DEFAULT.wait_strings,
+    answer_prefix: str = _DEFAULT.answer_prefix,
+    max_answer: int = _DEFAULT.max_answer_tokens,
     tokens_per_step: int = 50,
 ) -> list[Setting]:
-    """The settings of a sweep; budgets are required by every method but ``budget``."""
+    """The settings of a sweep; budgets are required by every method but ``budget``. A minimum above a cap is
+    skipped for that cap; a minimum above every cap is an error (it would run nothing)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise S1KitError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
@@ -69,15 +74,9 @@ def build_grid(
     out: list[Setting] = []
     for method in methods:
         if method != "budget" and not budgets:
-            raise S1KitError(f"method {method!r} needs token budgets: pass --max-thinking N[,N...]")
+            raise S1KitError(f"method {method!r} needs token budgets: set max_thinking_tokens")
         if method == "budget":
-            for cap, lo, k in itertools.product(max_thinking, min_thinking, waits):
-                if cap is not None and lo > cap:
-                    continue
-                ws = wait_strings if k or lo else ()
-                label = _label([("max", cap), ("min", lo), ("waits", k), ("wait", "|".join(ws) if ws != ("Wait",) else "")])
-                policy = replace(base, max_thinking_tokens=cap, min_thinking_tokens=lo, num_waits=k)
-                out.append(Setting(method, label, policy, lo=lo, hi=cap))
+            out += _budget_settings(base, max_thinking, min_thinking, waits)
         elif method == "token-conditional":
             for n in budgets:  # asked in the prompt, not enforced; a safety cap at 2N bounds the cost
                 out.append(Setting(method, f"tokens={n}", replace(base, max_thinking_tokens=2 * n),
@@ -96,6 +95,29 @@ def build_grid(
     keys = [s.key for s in out]
     if len(set(keys)) != len(keys):
         raise S1KitError("the grid has duplicate settings")
+    return out
+
+
+def _budget_settings(base: BudgetPolicy, caps: Sequence[int | None], minimums: Sequence[int],
+                     waits: Sequence[int]) -> list[Setting]:
+    """Budget forcing's grid: every cap x minimum x number of Waits, but minimums above the cap."""
+    for name, values in (("max_thinking_tokens", caps), ("min_thinking_tokens", minimums), ("num_waits", waits)):
+        for v in values:
+            replace(base, **{name: v})  # each value must be valid on its own before combinations are judged
+    out = []
+    for cap, lo, k in itertools.product(caps, minimums, waits):
+        if cap is not None and lo > cap:
+            continue
+        # wait strings only matter when a stop can be suppressed: elsewhere the default keeps settings comparable
+        ws = base.wait_strings if k or lo else _DEFAULT.wait_strings
+        policy = replace(base, max_thinking_tokens=cap, min_thinking_tokens=lo, num_waits=k, wait_strings=ws)
+        label = _label([("max", cap), ("min", lo), ("waits", k), ("wait", "|".join(ws) if ws != ("Wait",) else "")])
+        out.append(Setting("budget", label, policy, lo=lo, hi=cap))
+    unused = [lo for lo in minimums if not any(s.lo == lo for s in out)]
+    if unused:
+        caps_given = ", ".join(str(c) for c in caps)
+        raise S1KitError(f"min_thinking_tokens {unused[0]} exceeds every max_thinking_tokens ({caps_given}): "
+                         "no setting would run")
     return out
 
 
@@ -134,18 +156,6 @@ class _Job:
     tries: int = 1
 
 
-@dataclass
-class SweepConfig:
-    """Everything that identifies a sweep's results (checked when resuming into the same directory)."""
-
-    model: str
-    benchmark: str
-    items: int
-    format: str = "s1"
-    temperature: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
 def _seed(base: int, *parts: object) -> int:
     digest = hashlib.sha256(":".join(map(str, (base, *parts))).encode()).digest()
     return int.from_bytes(digest[:4], "little")
@@ -163,34 +173,56 @@ def setting_from_json(d: dict) -> Setting:
     return Setting(**{**d, "policy": BudgetPolicy(**d["policy"])})
 
 
-def open_run(out: Path, config: SweepConfig, settings: Sequence[Setting]) -> list[Setting]:
-    """Record the run in ``out/config.json`` (adding new settings) or refuse to mix in another model's or
-    benchmark's results. Returns every setting the directory holds."""
-    path = out / "config.json"
-    mine = {"model": config.model, "benchmark": config.benchmark, "format": config.format,
-            "temperature": config.temperature}
-    known: list[Setting] = []
-    if path.exists():
-        old = json.loads(path.read_text())
-        for k, v in mine.items():
-            if old.get(k) != v:
-                raise S1KitError(f"{out} holds results for {k}={old.get(k)!r}, not {v!r}; use another --out directory")
-        known = [setting_from_json(d) for d in old.get("settings", [])]
-    keys = {s.key for s in known}
-    known += [s for s in settings if s.key not in keys]
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**mine, "items": config.items, **config.extra,
-                                "settings": [setting_to_json(s) for s in known]}, indent=2))
-    return known
+class Sweep:
+    """The samples a sweep still needs, and how each finished one is graded and stored."""
 
+    def __init__(self, benchmark: Benchmark, settings: Sequence[Setting], store: SampleStore,
+                 fmt: ThinkingFormat | str, samples: int, sampling: SamplingParams, max_tries: int, grader: Grader,
+                 on_sample: Callable[[dict], None] | None = None) -> None:
+        self.store, self.fmt, self.sampling, self.max_tries = store, fmt, sampling, max_tries
+        self.grader, self.on_sample = grader, on_sample
+        self.queue = deque(_Job(s, it, k) for s in settings for it in benchmark.items for k in range(samples)
+                           if (s.key, it.id, k) not in store)
 
-def load_run(out: Path) -> tuple[dict, list[Setting]]:
-    """The config and settings recorded in a sweep directory."""
-    path = out / "config.json"
-    if not path.is_file():
-        raise S1KitError(f"{out} is not a sweep directory (no config.json); run s1kit eval --out {out} first")
-    cfg = json.loads(path.read_text())
-    return cfg, [setting_from_json(d) for d in cfg.get("settings", [])]
+    def request(self, job: _Job) -> Request:
+        """The engine request of one job."""
+        return _request(job, self.fmt, self.sampling)
+
+    def finish(self, job: _Job, c: Completion) -> dict | None:
+        """Grade one finished sample, append it to ``samples.jsonl`` and flush (the engine calls this as each row
+        ends); a sample that rejection sampling rejects is queued again instead (None)."""
+        if self._rejected(job, c):
+            return None
+        [graded] = grade_samples(self.grader, [(c.answer, c.thinking, job.item, job.item.gold)])
+        return self._store(job, c, *graded)
+
+    def _rejected(self, job: _Job, c: Completion) -> bool:
+        if job.setting.accept_max is None or c.thinking_tokens <= job.setting.accept_max or job.tries >= self.max_tries:
+            return False
+        self.queue.append(replace(job, tries=job.tries + 1))  # rejected: sample again
+        return True
+
+    def _store(self, job: _Job, c: Completion, pred: str, source: str, ok: bool) -> dict:
+        gold = job.item.gold if isinstance(job.item.gold, str) else list(job.item.gold)
+        rec = {
+            "setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
+            "item_id": job.item.id, "sample": job.sample, "gold": gold, "prediction": pred,
+            "graded": source, "correct": ok, "thinking_tokens": c.thinking_tokens,
+            "answer_tokens": c.answer_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
+            "finish_reason": c.finish_reason, "tries": job.tries, "probe_tokens": c.probe_tokens,
+            "early_exit": c.early_exit, "answer": c.answer, "thinking": c.thinking,
+        }
+        self.store.add(rec)
+        if self.on_sample:
+            self.on_sample(rec)
+        return rec
+
+    def run(self, engine: Engine, chunk: int) -> None:
+        """Generate every queued job, ``chunk`` requests per engine call (mixed settings decode together); each
+        sample is graded and stored the moment its row ends (a kill loses only the rows still decoding)."""
+        while self.queue:
+            jobs = [self.queue.popleft() for _ in range(min(chunk, len(self.queue)))]
+            engine.generate([self.request(j) for j in jobs], on_complete=lambda c: self.finish(jobs[c.request_index], c))
 
 
 def run_sweep(
@@ -206,56 +238,40 @@ def run_sweep(
     grader: Grader | None = None,
     on_sample: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Generate, grade and store every (setting, item, sample) not yet in ``out/samples.jsonl``.
+    """Generate, grade and store every (setting, item, sample) not yet in ``out/samples.jsonl``; returns the
+    records of exactly these settings, items and samples.
 
     ``engine`` may be a zero-argument factory: it is called only if something is left to compute."""
     sampling = sampling or SamplingParams()
-    if samples > 1 and sampling.greedy:
-        raise S1KitError("--samples > 1 needs sampling: pass --temperature > 0")
-    store = SampleStore(out / "samples.jsonl")
-    queue = deque(
-        _Job(s, it, k)
-        for s in settings for it in benchmark.items for k in range(samples)
-        if (s.key, it.id, k) not in store
-    )
-    if queue and callable(engine) and not hasattr(engine, "generate"):
-        engine = engine()
+    check_samples(samples, sampling)
     own_grader = grader is None
     grader = grader or Grader()
+    store = SampleStore(out / "samples.jsonl")
+    sweep = Sweep(benchmark, settings, store, fmt, samples, sampling, max_tries, grader, on_sample)
     try:
-        while queue:
-            jobs = [queue.popleft() for _ in range(min(chunk, len(queue)))]
-            requests = [_request(j, fmt, sampling) for j in jobs]
-            completions = engine.generate(requests)
-            done = []
-            for job, c in zip(jobs, completions):
-                if job.setting.accept_max is not None and c.thinking_tokens > job.setting.accept_max \
-                        and job.tries < max_tries:
-                    queue.append(replace(job, tries=job.tries + 1))  # rejected: sample again
-                    continue
-                done.append((job, c))
-            if not done:
-                continue
-            found = [prediction(c.answer, c.thinking, j.item) for j, c in done]
-            grades = grader.grade_many([p for p, _ in found], [j.item.gold for j, _ in done],
-                                       [j.item.kind for j, _ in done])
-            for (job, c), (pred, source), ok in zip(done, found, grades):
-                rec = {
-                    "setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
-                    "item_id": job.item.id, "sample": job.sample, "gold": job.item.gold, "prediction": pred,
-                    "graded": source, "correct": ok, "thinking_tokens": c.thinking_tokens,
-                    "answer_tokens": c.answer_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
-                    "finish_reason": c.finish_reason, "tries": job.tries, "answer": c.answer, "thinking": c.thinking,
-                }
-                store.add(rec)
-                if on_sample:
-                    on_sample(rec)
+        if sweep.queue:
+            sweep.run(engine() if callable(engine) and not hasattr(engine, "generate") else engine, chunk)
     finally:
         store.close()
         if own_grader:
             grader.close()
+    return selected(store.records.values(), settings, [it.id for it in benchmark.items], samples)
+
+
+def check_samples(samples: int, sampling: SamplingParams) -> None:
+    """``ValueError`` unless ``samples`` per item can differ: at least 1, and more only when sampling."""
+    require_int("samples", samples)
+    if samples > 1 and sampling.greedy:
+        raise S1KitError("samples > 1 needs temperature > 0 (greedy decoding repeats the same sample)")
+
+
+def selected(records: Iterable[dict], settings: Sequence[Setting], item_ids: Iterable[str] | None = None,
+             samples: int | None = None) -> list[dict]:
+    """The records of these settings (and, when given, these items and the first ``samples`` samples)."""
     keys = {s.key for s in settings}
-    return [r for r in store.records.values() if r["setting"] in keys]
+    ids = None if item_ids is None else set(item_ids)
+    return [r for r in records if r["setting"] in keys and (ids is None or r["item_id"] in ids)
+            and (samples is None or r["sample"] < samples)]
 
 
 def _request(job: _Job, fmt: ThinkingFormat | str, sampling: SamplingParams) -> Request:
@@ -269,44 +285,41 @@ def _request(job: _Job, fmt: ThinkingFormat | str, sampling: SamplingParams) -> 
     return Request(question, s.policy, fmt, sp)
 
 
-def _extract(text: str, item: Item) -> str:
+def _numeric(gold: str) -> bool:
+    return bool(gold) and gold.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+
+
+def _extract(text: str, item: Item, gold: str) -> str:
+    """The answer in ``text`` as ``gold`` is written: a letter, a number (the last one) or an expression."""
     if item.kind == "mc":
         return extract_choice(text, MC_LETTERS[: item.meta.get("options", 4)]) or ""
-    numeric = bool(item.gold) and item.gold.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
-    return extract_answer(text, numeric=numeric)
+    return extract_answer(text, numeric=_numeric(gold))
+
+
+def _graded_text(answer: str, thinking: str) -> tuple[str, str]:
+    """The text a sample is graded from: its answer, or its thinking when the answer is blank (a model that ends
+    its turn while thinking, e.g. one not trained on the format, answered there)."""
+    return (answer, "answer") if answer.strip() or not thinking.strip() else (thinking, "thinking")
 
 
 def prediction(answer: str, thinking: str, item: Item) -> tuple[str, str]:
-    """The extracted answer and where it came from: the answer text, or the thinking when the answer is
-    blank (a model that ends its turn while thinking, e.g. one not trained on the format, answered there)."""
-    if answer.strip() or not thinking.strip():
-        return _extract(answer, item), "answer"
-    return _extract(thinking, item), "thinking"
+    """The extracted answer (read as the item's first gold is written) and where it came from."""
+    text, source = _graded_text(answer, thinking)
+    return _extract(text, item, golds_of(item.gold)[0]), source
 
 
-def regrade_run(out: Path) -> dict:
-    """Extract and grade every stored sample of a sweep directory again, with the current rules; the generations
-    are kept. Returns counts: samples, changed (grade or prediction), correct."""
-    from ..data.benchmarks import load_benchmark
-
-    cfg, _ = load_run(out)
-    path = out / "samples.jsonl"
-    records = list(read_appended(path))
-    try:
-        items = {it.id: it for it in load_benchmark(cfg["benchmark"]).items}
-    except S1KitError as e:
-        raise S1KitError(f"cannot regrade {out}: its benchmark {cfg['benchmark']!r} does not load ({e})") from e
-    missing = sorted({r["item_id"] for r in records} - items.keys())
-    if missing:
-        raise S1KitError(f"cannot regrade {out}: {len(missing)} sample item(s) are not in {cfg['benchmark']!r}, "
-                         f"e.g. {missing[0]!r}")
-    found = [prediction(r.get("answer", ""), r.get("thinking", ""), items[r["item_id"]]) for r in records]
-    with Grader() as grader:  # the stored gold: a multiple-choice gold letter depends on the option shuffle's seed
-        grades = grader.grade_many([p for p, _ in found], [r["gold"] for r in records],
-                                   [items[r["item_id"]].kind for r in records])
-    changed = 0
-    for rec, (pred, source), ok in zip(records, found, grades):
-        changed += rec.get("prediction") != pred or rec.get("correct") != ok
-        rec.update(prediction=pred, graded=source, correct=ok)
-    write_jsonl(path, records)
-    return {"samples": len(records), "changed": changed, "correct": sum(grades)}
+def grade_samples(grader: Grader, samples: Sequence[tuple[str, str, Item, Gold]]) -> list[tuple[str, str, bool]]:
+    """``(prediction, source, correct)`` per ``(answer, thinking, item, gold)``. Each listed gold is tried with the
+    answer read as that gold is written (a number, an expression); the prediction shown is the one that matched."""
+    pairs: list[tuple[int, str, str, str]] = []  # (sample, prediction, gold, kind)
+    sources = []
+    for i, (answer, thinking, item, gold) in enumerate(samples):
+        text, source = _graded_text(answer, thinking)
+        sources.append(source)
+        pairs += [(i, _extract(text, item, g), g, item.kind) for g in golds_of(gold)]
+    ok = grader.grade_many([p for _, p, _, _ in pairs], [g for _, _, g, _ in pairs], [k for *_, k in pairs])
+    shown: dict[int, tuple[str, bool]] = {}
+    for (i, pred, _, _), right in zip(pairs, ok):
+        if i not in shown or right and not shown[i][1]:
+            shown[i] = (pred, right)
+    return [(shown[i][0], sources[i], shown[i][1]) for i in range(len(samples))]

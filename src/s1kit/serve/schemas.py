@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..budget import BudgetPolicy
 from ..engines.base import SamplingParams
@@ -18,10 +18,24 @@ from ..engines.base import SamplingParams
 # reasoning_effort -> thinking cap (tokens). Documented in docs/serving.md.
 EFFORT_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}
 DEFAULT_EFFORT = "medium"
-DEFAULT_MAX_ANSWER_TOKENS = 512
+DEFAULT_MAX_ANSWER_TOKENS = BudgetPolicy().max_answer_tokens  # one default for the library, the CLI and the server
+
+
+def _utf8(text: str) -> str:
+    """Reject text that cannot be UTF-8 (a lone surrogate escape such as "\\ud800" in the JSON): the tokenizer
+    would fail on it after the request was accepted."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text must be valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
+
 
 Count = Annotated[int, Field(strict=True, ge=0)]
 Positive = Annotated[int, Field(strict=True, ge=1)]
+Text = Annotated[str, AfterValidator(_utf8)]
+# torch generators take 64-bit seeds; an engine adds the sample index (n <= 64) to the request's seed
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 
 
 class ThinkingBudget(BaseModel):
@@ -32,8 +46,8 @@ class ThinkingBudget(BaseModel):
     max_tokens: Optional[Count] = None  # cap on thinking tokens; null = no cap (the context window still bounds it)
     min_tokens: Count = 0  # below it, stopping to answer is suppressed (a wait string is appended)
     num_waits: Count = 0  # suppress the first N stops, appending a wait string each time
-    wait_strings: Optional[Union[str, list[str]]] = None  # default ["Wait"]
-    answer_prefix: Optional[str] = None  # forced after the answer opener at the cap; default "Final Answer:"
+    wait_strings: Optional[Union[Text, list[Text]]] = None  # default ["Wait"]
+    answer_prefix: Optional[Text] = None  # forced after the answer opener at the cap; default "Final Answer:"
 
     @model_validator(mode="after")
     def _check(self) -> "ThinkingBudget":
@@ -61,7 +75,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -70,7 +84,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
     name: Optional[str] = None
     reasoning_content: Optional[str] = None
 
@@ -104,7 +118,7 @@ class _GenerationRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default; pass 0 for greedy decoding
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Count = 0
-    seed: Optional[Annotated[int, Field(strict=True)]] = None
+    seed: Optional[Seed] = None
     max_tokens: Optional[Positive] = None  # bounds the answer (content) tokens; thinking has its own budget
     max_completion_tokens: Optional[Positive] = None  # same meaning, the newer OpenAI name
     stream: bool = False
@@ -205,7 +219,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``: each prompt is sent as a user message through the chat template."""
 
-    prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=64)]]
+    prompt: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=64)]]
 
     @model_validator(mode="after")
     def _check_prompt(self) -> "CompletionRequest":

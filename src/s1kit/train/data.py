@@ -96,15 +96,15 @@ def _field(rec: dict, where: str, named: str | None, candidates: Sequence[str], 
     for name in candidates:
         if name in rec:
             return name
-    raise S1KitError(f"{where}: missing {role} field (one of {', '.join(candidates)}); name it with {option}")
+    raise S1KitError(f"{where}: missing {role} field (one of {', '.join(candidates)}); set {option}")
 
 
 def to_example(rec: dict, where: str, question_field: str | None = None, thinking_field: str | None = None,
                attempt_field: str | None = None) -> Example:
     """Validate one s1K-schema record; ``S1KitError`` naming the row for a missing field or an empty trace."""
-    q = rec[_field(rec, where, question_field, QUESTION_FIELDS, "question", "--question-field")]
-    t = rec[_field(rec, where, thinking_field, THINKING_FIELDS, "thinking", "--thinking-field")]
-    a = rec[_field(rec, where, attempt_field, ATTEMPT_FIELDS, "attempt", "--attempt-field")]
+    q = rec[_field(rec, where, question_field, QUESTION_FIELDS, "question", "question_field")]
+    t = rec[_field(rec, where, thinking_field, THINKING_FIELDS, "thinking", "thinking_field")]
+    a = rec[_field(rec, where, attempt_field, ATTEMPT_FIELDS, "attempt", "attempt_field")]
     if not isinstance(q, str) or not q.strip():
         raise S1KitError(f"{where}: empty question")
     if isinstance(t, str) and t.startswith("["):  # CSV/parquet exports keep s1K's list as JSON text
@@ -172,7 +172,7 @@ def build_training_set(tokenizer: Any, examples: Sequence[Example], block_size: 
         longest = max(range(len(rows)), key=lambda i: ts.lengths[i])
         raise S1KitError(
             f"{ts.over_block} of {len(rows)} examples exceed the block size {block_size} (longest: "
-            f"{examples[longest].where}, {ts.lengths[longest]} tokens); raise --block-size or pass --truncate to cut them")
+            f"{examples[longest].where}, {ts.lengths[longest]} tokens); raise block_size or set truncate=True to cut them")
     if ts.over_block:
         kept = []
         for r in rows:

@@ -59,9 +59,9 @@ def check_gpus(num_gpus: int | None) -> int:
     have = gpu_count()
     n = have if num_gpus is None else num_gpus
     if have == 0:
-        raise S1KitError("--fsdp needs NVIDIA GPUs and found none; train on one device without --fsdp")
+        raise S1KitError("fsdp=True needs NVIDIA GPUs and found none; train on one device without it")
     if not 1 <= n <= have:
-        raise S1KitError(f"--num-gpus {n}: {have} GPU(s) visible")
+        raise S1KitError(f"num_gpus {n}: {have} GPU(s) visible")
     return n
 
 

@@ -52,19 +52,19 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "block_size", "lora_rank", "logging_steps"):
-            require_int(name.replace("_", "-"), getattr(self, name))
+            require_int(name, getattr(self, name))
         if self.save_steps is not None:
-            require_int("save-steps", self.save_steps)
+            require_int("save_steps", self.save_steps)
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.learning_rate}")
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch-size {self.batch_size} must be a multiple of micro-batch-size {self.micro_batch_size}")
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}")
 
     @property
     def lr(self) -> float:
@@ -92,7 +92,7 @@ def sft_config(recipe: Recipe, out: str | Path, processes: int | None = None) ->
     processes = processes or world_size()
     per_step = recipe.micro_batch_size * processes
     if recipe.batch_size % per_step:
-        raise ValueError(f"batch-size {recipe.batch_size} must be a multiple of micro-batch-size x processes "
+        raise ValueError(f"batch_size {recipe.batch_size} must be a multiple of micro_batch_size x processes "
                          f"({recipe.micro_batch_size} x {processes})")
     # Under FSDP, checkpoint through FSDP itself when its config asks for it (the Trainer's own would
     # add an all-gather in backward; transformers refuses both at once).
@@ -166,8 +166,8 @@ def _divergence_guard() -> Any:
                 raise S1KitError(
                     f"training diverged at step {state.global_step} ("
                     + ", ".join(f"{k} {v}" for k, v in bad.items())
-                    + "); the model was not saved. Try --fp32 (bf16 autocast diverged where float32 did not, "
-                      "docs/training.md), a lower --lr or a smaller --micro-batch-size")
+                    + "); the model was not saved. Try bf16=False (bf16 autocast diverged where float32 did not, "
+                      "docs/training.md), a lower learning_rate or a smaller micro_batch_size")
 
     return DivergenceGuard()
 
@@ -228,7 +228,7 @@ def build_trainer(model: Any, tokenizer: Any, dataset: Any, recipe: Recipe, out:
     from trl import SFTTrainer
 
     if recipe.lora and fsdp_active():
-        raise ValueError("--lora is for a single GPU; multi-GPU FSDP runs train all weights")
+        raise ValueError("lora=True is for a single GPU; multi-GPU FSDP runs train all weights")
     cbs = [_divergence_guard(), *callbacks] + ([_progress_callback(on_log)] if on_log else [])
     trainer = SFTTrainer(model=model, args=sft_config(recipe, out), train_dataset=dataset,
                          processing_class=tokenizer, peft_config=lora_config(recipe) if recipe.lora else None,
@@ -277,13 +277,14 @@ def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(),
     start = time.time()
     out = Path(out)
     if out.is_file():
-        raise S1KitError(f"{out} is a file; pick another --out")
+        raise S1KitError(f"{out} is a file; pick another output directory")
     checkpoint = last_checkpoint(out) if resume and out.is_dir() else None
     if resume and (out / SUMMARY_FILE).is_file():
         raise S1KitError(f"{out} holds a finished model ({SUMMARY_FILE}); nothing to resume")
     if checkpoint is None and not overwrite and out.is_dir() and any(out.iterdir()):
-        hint = " or --resume to continue from its last checkpoint" if last_checkpoint(out) else ""
-        raise S1KitError(f"{out} exists and is not an empty directory; pick another --out, pass --overwrite{hint}")
+        hint = " or resume=True to continue from its last checkpoint" if last_checkpoint(out) else ""
+        raise S1KitError(f"{out} exists and is not an empty directory; pick another output directory, set "
+                         f"overwrite=True{hint}")
     if checkpoint is None and out.is_dir():
         _remove_checkpoints(out)  # stale ones from an earlier run must not mix with this one
     examples = load_examples(data, split, question_field, thinking_field, attempt_field)  # bad rows fail first
@@ -311,7 +312,7 @@ def train(model_ref: str, data: str, out: str | Path, recipe: Recipe = Recipe(),
     if stop.name:
         step = trainer.state.global_step
         raise S1KitError(f"stopped by {stop.name} at step {step} of {trainer.state.max_steps}; checkpoint-{step} "
-                         f"is saved in {out}: run the same command with --resume to continue")
+                         f"is saved in {out}: run the same again with resume=True to continue")
     save(trainer, tokenizer, out)
     if trainer.args.should_save:
         _remove_checkpoints(out)  # the output is a plain model directory; resuming is over

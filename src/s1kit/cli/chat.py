@@ -1,0 +1,41 @@
+"""``s1kit chat``: a terminal chat with a thinking budget (``s1kit.chat``)."""
+
+from typing import Optional
+
+import typer
+
+from ..budget import BudgetPolicy
+from ..engines.base import SamplingParams
+from ..formats import get_format
+from . import options as opt
+from .app import command
+from .engine import EngineChoice
+
+
+@command(epilog="Example: s1kit chat --model qwen2.5-coder-0.5b --max-thinking 256   then type a question; "
+                "/budget 64, /waits 2, /format r1 between turns; Ctrl-C stops an answer, Ctrl-D leaves")
+def chat(
+    model: opt.Model = "smollm2-135m",
+    max_thinking: Optional[int] = typer.Option(256, help="Cap on thinking tokens (/budget N|none to change)."),
+    min_thinking: opt.MinThinking = opt.POLICY.min_thinking_tokens,
+    waits: opt.Waits = opt.POLICY.num_waits,
+    max_answer: opt.MaxAnswer = opt.POLICY.max_answer_tokens,
+    format: opt.Format = "s1",
+    temperature: opt.Temperature = opt.SAMPLING.temperature,
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+) -> None:
+    """Chat in the terminal with a thinking budget: the thinking streams dimmed, then the answer."""
+    from rich.console import Console
+
+    from ..chat import ChatSession, run_chat
+
+    policy = BudgetPolicy(max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
+                          max_answer_tokens=max_answer)
+    session_format = get_format(format).name
+    sampling = SamplingParams(temperature=temperature)
+    choice = EngineChoice(model, device=device, dtype=dtype, batch_size=1)
+    choice.check()
+    Console(stderr=True).print(f"loading {model} ...", style="dim", markup=False)
+    run_chat(ChatSession(choice.open(), policy, session_format, sampling, system), Console(highlight=False))

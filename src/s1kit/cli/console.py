@@ -1,0 +1,48 @@
+"""What commands print: progress bars on a terminal and the sweep summary table (rich)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator:
+    """A rich progress bar on a terminal (stderr); a no-op callback elsewhere."""
+    if total <= 1 or not sys.stderr.isatty():
+        yield lambda n, description=None: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(n: int, description: str | None = None) -> None:
+            bar.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The per-setting table and per-method Control / Scaling / Performance of a sweep's summary."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("setting", "accuracy", "95% CI", "mean thinking", "control", "n",
+                  title=escape(f"{summary.get('model')} on {summary.get('benchmark')}"))
+    for r in summary["settings"]:
+        table.add_row(escape(r["setting"]), f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}",
+                      f"{r['mean_thinking_tokens']:.1f}", f"{r['control']:.0%}", str(r["n"]))
+    console = Console()
+    console.print(table)
+    for m, v in summary["methods"].items():
+        sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
+        console.print(f"{m}: Control {v['control']:.0%} · Scaling {sc} /thinking token · Performance {v['performance']:.1%}")
+    for name in ("summary.json", "scaling.png", "report.md"):
+        console.print(f"wrote {out / name}", highlight=False)

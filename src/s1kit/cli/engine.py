@@ -1,0 +1,70 @@
+"""The engine a command's options ask for: checked cheaply before anything is written, opened only when needed."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from ..engines.base import Engine
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """``--engine hf`` (in this process) or ``--engine remote --base-url URL``, with the options of each."""
+
+    model: str
+    kind: str = "hf"
+    base_url: str | None = None
+    tokenizer: str | None = None
+    concurrency: int = 8
+    api_key: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 16
+
+    def check(self) -> None:
+        """Fail now on options that do not go together, or a model or precision that cannot load (nothing is
+        loaded, converted or connected to)."""
+        self.check_options()
+        self.check_model()
+
+    def check_options(self) -> None:
+        """Fail now on options that do not go together, or a precision that is not one."""
+        from ..api import check_engine
+        from ..models import torch_dtype
+
+        check_engine(self.kind, self.base_url, **({} if self.tokenizer is None else {"tokenizer": self.tokenizer}))
+        if self.kind == "hf" and self.dtype is not None:
+            torch_dtype(self.dtype)
+
+    def check_model(self) -> None:
+        """Fail now on a model reference that cannot load (an in-process engine's; a server knows its own)."""
+        from ..models import check_reference
+
+        if self.kind == "hf" and self.model:
+            check_reference(self.model)
+
+    def precision(self) -> str | None:
+        """The dtype the model computes in (what a run records): the one asked for, else the device's default."""
+        from ..models import default_dtype
+
+        return None if self.kind != "hf" else self.dtype or default_dtype(self.device)
+
+    def open(self, **overrides: Any) -> Engine:
+        """Load or connect; a remote server's warnings (e.g. text-only prompts) become ``warning:`` lines."""
+        from ..api import make_engine
+
+        extra = {} if self.tokenizer is None else {"tokenizer": self.tokenizer}  # refused by an in-process engine
+        if self.kind != "remote":
+            options = {"device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, **overrides}
+            return make_engine(self.model, self.kind, self.base_url, **options, **extra)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = make_engine(self.model, "remote", self.base_url, concurrency=self.concurrency,
+                                 api_key=self.api_key, **{**extra, **overrides})
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+        return engine

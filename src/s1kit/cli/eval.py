@@ -1,0 +1,107 @@
+"""``s1kit eval``: a grid of thinking budgets over a benchmark, into a run directory that records what determines
+its samples (a rerun resumes, extends or is refused) and has one writer at a time."""
+
+from typing import List, Optional
+
+import typer
+
+from ..data.benchmarks import load_benchmark
+from ..engines.base import SamplingParams
+from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord
+from ..evaluate.report import write_report
+from ..evaluate.sweep import build_grid, check_samples, run_sweep
+from ..formats import get_format
+from . import options as opt
+from .app import command
+from .console import print_summary, progress_bar
+from .engine import EngineChoice
+
+# Run-record fields -> the flags that set them (the rest have no flag: max_tries, top_p, top_k).
+RECORD_FLAGS = {"model": "--model", "engine": "--engine", "dtype": "--dtype (or --device)", "benchmark": "--benchmark",
+                "question_field": "--question-field", "answer_field": "--answer-field", "format": "--format",
+                "temperature": "--temperature", "seed": "--seed", "benchmark items": "--benchmark (its file)",
+                "grader": "grader version (s1kit report --regrade grades its samples again)"}
+HINTS = {RunInUse: "wait for it to finish, or pass another --out",
+         RunNotResumable: "start a fresh run with another --out",
+         RunMismatch: "rerun with the recorded values to resume, or pass another --out to start a fresh run"}
+
+
+@command(name="eval", hints=HINTS,
+         epilog="Example: s1kit eval --benchmark gsm8k --limit 50 --max-thinking 64,128,256 --out runs/gsm8k\n\n"
+                "Against a server: s1kit eval --engine remote --base-url http://127.0.0.1:8080/v1 "
+                "--concurrency 8 --benchmark gsm8k --max-thinking 64,128 --out runs/gsm8k-remote")
+def eval_(
+    model: opt.Model = "smollm2-135m",
+    benchmark: str = typer.Option("gsm8k", help="math500, math, gsm8k, champ, aime24, aime25, gpqa-diamond, "
+                                                "math500-hf, gsm8k-hf, or a .jsonl/.json/.csv/.parquet file."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N items (a larger N extends a run). [default: all]"),
+    max_thinking: opt.MaxThinkingGrid = "none",
+    min_thinking: opt.MinThinkingGrid = str(opt.POLICY.min_thinking_tokens),
+    waits: opt.WaitsGrid = str(opt.POLICY.num_waits),
+    wait_string: opt.WaitString = None,
+    method: Optional[List[str]] = typer.Option(None, help="budget, token-conditional, step-conditional, "
+                                                          "class-conditional, rejection (repeatable). [default: budget]"),
+    samples: int = typer.Option(1, help="Samples per item (majority vote); needs --temperature > 0."),
+    temperature: opt.Temperature = opt.SAMPLING.temperature,
+    seed: int = typer.Option(0, help="Seed for sampling and multiple-choice shuffles."),
+    max_answer: opt.MaxAnswer = opt.POLICY.max_answer_tokens,
+    answer_prefix: opt.AnswerPrefix = opt.POLICY.answer_prefix,
+    format: opt.Format = "s1",
+    question_field: opt.QuestionField = None,
+    answer_field: opt.AnswerField = None,
+    batch_size: opt.BatchSize = 16,
+    out: opt.RunOut = "runs/eval",
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    engine_kind: opt.EngineKind = "hf",
+    base_url: opt.BaseUrl = None,
+    tokenizer: opt.RemoteTokenizer = None,
+    concurrency: opt.Concurrency = 8,
+    api_key: opt.ApiKey = None,
+) -> None:
+    """Sweep thinking budgets over a benchmark: grade, then write summary.json, scaling.png and report.md.
+
+    Resumable: every graded sample goes to OUT/samples.jsonl, and a rerun computes only the rest. OUT/config.json
+    records everything that determines the samples: a rerun that asks for more items, samples or budgets extends
+    the run; one that changes anything else (model, answer budget, format, sampling ...) is refused. The summary
+    covers exactly the items and settings this command asks for."""
+    settings = build_grid(methods=tuple(method or ["budget"]), max_thinking=max_thinking,
+                          min_thinking=[m or 0 for m in min_thinking], waits=[w or 0 for w in waits],
+                          wait_strings=opt.wait_strings(wait_string), answer_prefix=answer_prefix, max_answer=max_answer)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    check_samples(samples, sampling)
+    fmt = get_format(format)
+    whole = load_benchmark(benchmark, None, question_field, answer_field, seed)
+    bench = whole.first(limit)
+    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size)
+    engine.check_options()
+    asked = RunRecord.create(model, benchmark, whole.items, settings, limit, samples=samples, engine=engine_kind,
+                             dtype=engine.precision(), question_field=question_field, answer_field=answer_field,
+                             format=fmt.name, temperature=temperature, seed=seed)
+    with RunDir(out).writer() as run:
+        try:
+            record = run.extend(asked, whole.items)
+        except RunMismatch as e:
+            raise RunMismatch(e.path, [(RECORD_FLAGS.get(k, k), old, new) for k, old, new in e.differences]) from None
+        engine.check_model()  # after the record: a run of another model is refused as such
+
+        def open_engine():  # only when samples are missing; the record is saved once a model is ready
+            loaded = engine.open()
+            run.write(record)
+            return loaded
+
+        # Several batches per engine call: the fast path refills finished slots from the rest.
+        chunk = concurrency * 2 if engine_kind == "remote" else batch_size * 4
+        tally = {"n": 0, "ok": 0}
+        with progress_bar(len(settings) * len(bench.items) * samples, "evaluating") as advance:
+            def on_sample(rec: dict) -> None:
+                tally["n"] += 1
+                tally["ok"] += rec["correct"]
+                advance(1, f"evaluating · acc {tally['ok'] / tally['n']:.1%}")
+
+            run_sweep(open_engine, bench, settings, run.path, fmt, samples, sampling, chunk=chunk, on_sample=on_sample)
+        run.write(record)
+        summary = write_report(run.path, settings, {"model": model, "benchmark": bench.name, "items": len(bench.items),
+                                                    "samples": samples}, [it.id for it in bench.items], samples)
+    print_summary(summary, run.path)
+
