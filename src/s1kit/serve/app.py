@@ -33,9 +33,14 @@ class _ClientGone(Exception):
     pass
 
 
+def _printable(text: str | None) -> str | None:
+    """``text`` made encodable as UTF-8 (a request's own keys may carry lone surrogates into a message)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                 code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": kind, "param": _printable(param), "code": code}}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
