@@ -405,3 +405,11 @@ def test_a_key_with_a_lone_surrogate_is_a_422_not_a_500(server):
     r = httpx.post(server + "/v1/chat/completions", content=body,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 422 and "error" in r.json()
+
+
+def test_error_bodies_survive_text_that_utf8_cannot_encode():
+    """A message quoting a client's own text (a lone surrogate in a key) must still encode: the 422, not a 500."""
+    from s1kit.serve.app import _error
+
+    r = _error(422, "messages.0.\ud800: extra inputs are not permitted", param="\ud800")
+    assert json.loads(r.body)["error"]["message"].startswith("messages.0.\\ud800")
