@@ -406,3 +406,17 @@ def test_error_bodies_survive_text_that_utf8_cannot_encode():
 
     r = _error(422, "messages.0.\ud800: extra inputs are not permitted", param="\ud800")
     assert json.loads(r.body)["error"]["message"].startswith("messages.0.\\ud800")
+
+
+def test_early_exit_and_grace_through_the_server(client):
+    forced = "Final Answer: \\boxed{42}"  # every probe then answers 42: two probes agree at 8 tokens
+    budget = {"max_tokens": 40, "num_waits": 40, "answer_prefix": forced,  # Waits keep this model thinking
+              "early_exit": {"every": 4, "agree": 2, "probe_tokens": 3}}
+    r = chat(client, "Tell me about dragons.", budget, max_tokens=4)
+    stats = r.choices[0].thinking
+    assert stats["tokens"] == 8 and stats["early_exit"] and not stats["hit_cap"] and stats["probe_tokens"] > 0
+    assert r.choices[0].message.content.startswith(forced)
+    with pytest.raises(openai.UnprocessableEntityError, match="needs a rule"):
+        chat(client, "hi", {"max_tokens": 8, "early_exit": {"every": 4, "agree": None}})
+    graceful = chat(client, "Tell me about dragons.", {"min_tokens": 6, "max_tokens": 6, "grace_tokens": 20})
+    assert 6 <= graceful.choices[0].thinking["tokens"] <= 26 and graceful.choices[0].thinking["hit_cap"]

@@ -74,7 +74,8 @@ def _finish(c: Completion) -> str:
 
 
 def _thinking_stats(c: Completion) -> dict:
-    return {"tokens": c.thinking_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap}
+    return {"tokens": c.thinking_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
+            "early_exit": c.early_exit, "probe_tokens": c.probe_tokens}
 
 
 class _Api:

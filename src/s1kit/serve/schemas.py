@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..budget import BudgetPolicy
+from ..budget import BudgetPolicy, EarlyExit
 from ..engines.base import SamplingParams
 
 # reasoning_effort -> thinking cap (tokens). Documented in docs/serving.md.
@@ -38,6 +38,23 @@ Text = Annotated[str, AfterValidator(_utf8)]
 Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 
 
+class EarlyExitSpec(BaseModel):
+    """``thinking_budget.early_exit``: stop thinking once probed answers settle (``budget.EarlyExit``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: Optional[Positive] = None  # probe after every N thinking tokens
+    words: Union[Text, list[Text]] = []  # probe before the model starts one of these words ("Wait", "Hmm")
+    probe_tokens: Positive = 16  # answer tokens a probe decodes, greedily
+    agree: Optional[Positive] = 2  # exit when the last N probe answers are equal
+    confidence: Optional[Annotated[float, Field(gt=0, le=1)]] = None  # exit when a probe is this confident
+
+    def rule(self) -> EarlyExit:
+        """This spec as an ``EarlyExit``."""
+        return EarlyExit(every=self.every, words=self.words, probe_tokens=self.probe_tokens, agree=self.agree,
+                         confidence=self.confidence)
+
+
 class ThinkingBudget(BaseModel):
     """The ``thinking_budget`` extension: s1-style budget forcing per request."""
 
@@ -48,14 +65,16 @@ class ThinkingBudget(BaseModel):
     num_waits: Count = 0  # suppress the first N stops, appending a wait string each time
     wait_strings: Optional[Union[Text, list[Text]]] = None  # default ["Wait"]
     answer_prefix: Optional[Text] = None  # forced after the answer opener at the cap; default "Final Answer:"
+    grace_tokens: Count = 0  # at the cap, think on up to N tokens to end the sentence or line first
+    early_exit: Optional[EarlyExitSpec] = None  # stop once the probed answer has settled
 
     @model_validator(mode="after")
     def _check(self) -> "ThinkingBudget":
         try:
             self.policy(DEFAULT_MAX_ANSWER_TOKENS)
         except ValueError as e:  # BudgetPolicy's message, in this API's field names
-            raise ValueError(str(e).replace("max_thinking_tokens", "max_tokens")
-                             .replace("min_thinking_tokens", "min_tokens")) from None
+            raise ValueError(str(e).replace("max_thinking_tokens", "max_tokens").replace(
+                "min_thinking_tokens", "min_tokens").replace("cap_grace", "grace_tokens")) from None
         return self
 
     def policy(self, max_answer_tokens: int) -> BudgetPolicy:
@@ -66,7 +85,8 @@ class ThinkingBudget(BaseModel):
         if self.answer_prefix is not None:
             extra["answer_prefix"] = self.answer_prefix
         return BudgetPolicy(max_thinking_tokens=self.max_tokens, min_thinking_tokens=self.min_tokens,
-                            num_waits=self.num_waits, max_answer_tokens=max_answer_tokens, **extra)
+                            num_waits=self.num_waits, max_answer_tokens=max_answer_tokens, cap_grace=self.grace_tokens,
+                            early_exit=self.early_exit.rule() if self.early_exit is not None else None, **extra)
 
 
 class TextPart(BaseModel):
