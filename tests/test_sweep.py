@@ -232,3 +232,32 @@ def test_one_writer_per_run_directory(tmp_path):
     with pytest.raises(S1KitError, match="is a file, not a run directory"):
         with RunDir(tmp_path / "file").writer():
             pass
+
+
+def test_early_exit_settings_run_beside_the_caps_and_the_report_counts_probe_tokens(engine, tmp_path):
+    from s1kit.evaluate.sweep import parse_early_exit, setting_from_json, setting_to_json
+
+    rule = parse_early_exit("every=4,agree=2,probe=3")
+    assert (rule.every, rule.agree, rule.probe_tokens, rule.words) == (4, 2, 3, ())
+    assert parse_early_exit("words=Wait|Hmm,confidence=0.9,agree=none").words == ("Wait", "Hmm")
+    for bad in ("every", "every=x", "colour=3", "every=0"):
+        with pytest.raises(ValueError, match="early exit"):
+            parse_early_exit(bad)
+    settings = build_grid(["budget", "early-exit"], [8, 24], early_exit=[rule], cap_grace=2, max_answer=6)
+    assert [s.key for s in settings] == ["budget:max=8", "budget:max=24", "early-exit:every=4,agree=2,probe=3"]
+    ee = settings[-1]
+    assert ee.policy.max_thinking_tokens == 24 and ee.policy.early_exit == rule and ee.policy.cap_grace == 2
+    assert setting_from_json(json.loads(json.dumps(setting_to_json(ee)))) == ee  # kept in the run record as is
+    with pytest.raises(S1KitError, match="needs early_exit rules"):
+        build_grid(["early-exit"], [8])
+    bench = load_benchmark("gsm8k", limit=2)
+    open_run(tmp_path, RunRecord.create("smollm2-135m", "gsm8k", bench.items, settings, None), bench.items)
+    records = run_sweep(engine, bench, settings, tmp_path)
+    probed = [r for r in records if r["method"] == "early-exit"]
+    assert len(probed) == 2 and all("probe_tokens" in r and "early_exit" in r for r in records)
+    summary = write_report(tmp_path, settings, {"model": "smollm2-135m", "benchmark": "gsm8k"})
+    rows = {r["setting"]: r for r in summary["settings"]}
+    assert rows["budget:max=8"]["mean_probe_tokens"] == 0
+    assert rows["early-exit:every=4,agree=2,probe=3"]["mean_probe_tokens"] == \
+        sum(r["probe_tokens"] for r in probed) / 2
+    assert "early-exit" in summary["methods"] and (tmp_path / "scaling.png").is_file()

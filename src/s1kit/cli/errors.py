@@ -24,7 +24,7 @@ FLAGS = {
     "output directory": "--out",
     "temperature": "--temperature", "samples": "--samples", "limit": "--limit", "seed": "--seed", "size": "--size",
     "selection": "--selection", "classifier": "--domain-classifier", "concurrency": "--concurrency", "n": "--n",
-    "epochs": "--epochs", "dtype": "--dtype",
+    "epochs": "--epochs", "dtype": "--dtype", "cap_grace": "--cap-grace", "early_exit rules": "--early-exit rules",
 }
 _AS_PARAMETER = r"(?=\s*(?:must\b|[<>=]))"
 

@@ -9,7 +9,7 @@ from ..data.benchmarks import load_benchmark
 from ..engines.base import SamplingParams
 from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord
 from ..evaluate.report import write_report
-from ..evaluate.sweep import build_grid, check_samples, run_sweep
+from ..evaluate.sweep import build_grid, check_samples, parse_early_exit, run_sweep
 from ..formats import get_format
 from . import options as opt
 from .app import command
@@ -28,6 +28,8 @@ HINTS = {RunInUse: "wait for it to finish, or pass another --out",
 
 @command(name="eval", hints=HINTS,
          epilog="Example: s1kit eval --benchmark gsm8k --limit 50 --max-thinking 64,128,256 --out runs/gsm8k\n\n"
+                "Early exit beside the caps: s1kit eval --benchmark gsm8k --max-thinking 128,512,2048 "
+                "--early-exit every=64,agree=2 --early-exit words=Wait,agree=2 --out runs/ee\n\n"
                 "Against a server: s1kit eval --engine remote --base-url http://127.0.0.1:8080/v1 "
                 "--concurrency 8 --benchmark gsm8k --max-thinking 64,128 --out runs/gsm8k-remote")
 def eval_(
@@ -40,7 +42,10 @@ def eval_(
     waits: opt.WaitsGrid = str(opt.POLICY.num_waits),
     wait_string: opt.WaitString = None,
     method: Optional[List[str]] = typer.Option(None, help="budget, token-conditional, step-conditional, "
-                                                          "class-conditional, rejection (repeatable). [default: budget]"),
+                                                          "class-conditional, rejection, early-exit (repeatable). "
+                                                          "[default: budget; early-exit too with --early-exit]"),
+    early_exit: opt.EarlyExitGrid = None,
+    cap_grace: opt.CapGrace = opt.POLICY.cap_grace,
     samples: int = typer.Option(1, help="Samples per item (majority vote); needs --temperature > 0."),
     temperature: opt.Temperature = opt.SAMPLING.temperature,
     seed: int = typer.Option(0, help="Seed for sampling and multiple-choice shuffles."),
@@ -65,9 +70,13 @@ def eval_(
     records everything that determines the samples: a rerun that asks for more items, samples or budgets extends
     the run; one that changes anything else (model, answer budget, format, sampling ...) is refused. The summary
     covers exactly the items and settings this command asks for."""
-    settings = build_grid(methods=tuple(method or ["budget"]), max_thinking=max_thinking,
+    methods = list(method or ["budget"])
+    if early_exit and "early-exit" not in methods:
+        methods.append("early-exit")
+    settings = build_grid(methods=tuple(methods), max_thinking=max_thinking,
                           min_thinking=[m or 0 for m in min_thinking], waits=[w or 0 for w in waits],
-                          wait_strings=opt.wait_strings(wait_string), answer_prefix=answer_prefix, max_answer=max_answer)
+                          wait_strings=opt.wait_strings(wait_string), answer_prefix=answer_prefix, max_answer=max_answer,
+                          early_exit=[parse_early_exit(e) for e in early_exit or []], cap_grace=cap_grace)
     sampling = SamplingParams(temperature=temperature, seed=seed)
     check_samples(samples, sampling)
     fmt = get_format(format)

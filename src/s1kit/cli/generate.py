@@ -9,6 +9,7 @@ import typer
 from ..budget import BudgetPolicy
 from ..engines.base import Request, SamplingParams
 from ..errors import S1KitError
+from ..evaluate.sweep import parse_early_exit
 from ..formats import ThinkingFormat, as_messages, get_format
 from . import options as opt
 from .app import command
@@ -17,6 +18,7 @@ from .engine import EngineChoice
 
 
 @command(epilog='Example: s1kit generate --max-thinking 64 --waits 1 "What is 17*23?"\n\n'
+                'Early exit: s1kit generate --max-thinking 1024 --early-exit every=64,agree=2 "What is 17*23?"\n\n'
                 'Against a server: s1kit generate --engine remote --base-url http://127.0.0.1:8080/v1 "What is 17*23?"')
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (user messages)."),
@@ -31,6 +33,8 @@ def generate(
     wait_string: opt.WaitString = None,
     answer_prefix: opt.AnswerPrefix = opt.POLICY.answer_prefix,
     max_answer: opt.MaxAnswer = opt.POLICY.max_answer_tokens,
+    early_exit: opt.EarlyExitSpec = None,
+    cap_grace: opt.CapGrace = opt.POLICY.cap_grace,
     temperature: opt.Temperature = opt.SAMPLING.temperature,
     top_p: float = typer.Option(opt.SAMPLING.top_p, help="Nucleus sampling mass."),
     top_k: int = typer.Option(opt.SAMPLING.top_k, help="Sample among the K likeliest tokens; 0 = all."),
@@ -51,7 +55,8 @@ def generate(
     """Generate with budget forcing: cap thinking, force a minimum, or extend it with "Wait"."""
     policy = BudgetPolicy(max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
                           wait_strings=opt.wait_strings(wait_string), answer_prefix=answer_prefix,
-                          max_answer_tokens=max_answer)
+                          max_answer_tokens=max_answer, cap_grace=cap_grace,
+                          early_exit=parse_early_exit(early_exit) if early_exit else None)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=n)
     fmt = build_format(format, think_open, stop_token, answer_open)
     items = list(prompts or []) + (read_prompts(input) if input else [])

@@ -73,6 +73,17 @@ AnswerField = Annotated[Optional[str], typer.Option(
 RunOut = Annotated[Path, typer.Option("--out", file_okay=False, help="Run directory (resumable; one writer at a time).")]
 
 
+EarlyExitSpec = Annotated[Optional[str], typer.Option(
+    "--early-exit", help="Stop thinking once probed answers settle: key=value pairs, every=N (probe every N thinking "
+                         "tokens), words=Wait|Hmm (probe before these words), agree=N (exit when the last N probe "
+                         "answers agree; default 2), confidence=T (or when a probe is this confident), probe=N "
+                         "(probe answer tokens; default 16). E.g. every=64,agree=2")]
+EarlyExitGrid = Annotated[Optional[List[str]], typer.Option(
+    "--early-exit", help="An early-exit setting, repeatable (the early-exit method): key=value pairs as in "
+                         "s1kit generate --early-exit, e.g. every=64,agree=2; capped at the largest --max-thinking.")]
+CapGrace = Annotated[int, typer.Option(help="At the cap, think on up to N tokens to end the sentence or line first.")]
+
+
 def wait_strings(given: list[str] | None) -> tuple[str, ...]:
     """The repeatable --wait-string, or the library's default."""
     return tuple(given) if given else POLICY.wait_strings

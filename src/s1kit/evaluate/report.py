@@ -41,18 +41,24 @@ def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: di
     }
 
 
+def compute_tokens(row: dict) -> float:
+    """A setting's mean thinking tokens plus the probe tokens early exit spent beside them."""
+    return row["mean_thinking_tokens"] + (row.get("mean_probe_tokens") or 0)
+
+
 def plot_scaling(summary: dict, path: Path) -> None:
-    """Accuracy against mean thinking tokens, one line per method, 95% CI bars."""
+    """Accuracy against mean thinking tokens (plus probe tokens, where early exit probed), one line per method,
+    95% CI bars: early exit sits beside the cap curve at the compute it spent."""
+    probed = any(r.get("mean_probe_tokens") for r in summary["settings"])
     with saved_figure(path, figsize=(6.4, 4.4), dpi=120) as ax:
         for method in summary["methods"]:
-            rows = sorted((r for r in summary["settings"] if r["method"] == method),
-                          key=lambda r: r["mean_thinking_tokens"])
-            x = [r["mean_thinking_tokens"] for r in rows]
+            rows = sorted((r for r in summary["settings"] if r["method"] == method), key=compute_tokens)
+            x = [compute_tokens(r) for r in rows]
             y = [100 * r["accuracy"] for r in rows]
             err = [[100 * (r["accuracy"] - r["ci_low"]) for r in rows],
                    [100 * (r["ci_high"] - r["accuracy"]) for r in rows]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-        ax.set_xlabel("average thinking tokens")
+        ax.set_xlabel("average thinking + probe tokens" if probed else "average thinking tokens")
         ax.set_ylabel("accuracy (%)")
         title = " · ".join(str(summary[k]) for k in ("model", "benchmark") if summary.get(k))
         ax.set_title(title or "test-time scaling")
@@ -80,15 +86,19 @@ def render_markdown(summary: dict) -> str:
     lines = [f"# Test-time scaling: {summary.get('model', '?')} on {summary.get('benchmark', '?')}", ""]
     if summary.get("items"):
         lines += [f"{summary['items']} items per setting.", ""]
-    lines += ["| setting | accuracy % | 95% CI | mean thinking | control | cap hit % | waits | n |",
-              "|---|---|---|---|---|---|---|---|"]
+    probed = any(r.get("mean_probe_tokens") for r in summary["settings"])
+    extra = " mean probe tokens | early exit % |" if probed else ""
+    lines += ["| setting | accuracy % | 95% CI | mean thinking | control | cap hit % | waits | n |" + extra,
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if probed else "")]
     for r in summary["settings"]:
         acc = _fmt(r["accuracy"], True)
         if "majority_accuracy" in r:
             acc += f" (maj {_fmt(r['majority_accuracy'], True)})"
+        more = (f" {_fmt(r.get('mean_probe_tokens'))} | {_fmt(r.get('early_exit_rate'), True, 0)} |"
+                if probed else "")
         lines.append(f"| {r['setting']} | {acc} | {_fmt(r['ci_low'], True)}–{_fmt(r['ci_high'], True)} | "
                      f"{_fmt(r['mean_thinking_tokens'])} | {_fmt(r['control'], True, 0)}% | "
-                     f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |")
+                     f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |" + more)
     lines += ["", *methods_table(summary["methods"])]
     blank = sum(r.get("graded_from_thinking", 0) for r in summary["settings"])
     if blank:

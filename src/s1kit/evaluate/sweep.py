@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..budget import BudgetPolicy
+from ..budget import BudgetPolicy, EarlyExit
 from ..data.benchmarks import MC_LETTERS, Benchmark, Item
 from ..data.files import open_append, read_appended
 from ..data.grading import Gold, Grader, extract_answer, extract_choice, golds_of
@@ -23,7 +23,7 @@ from ..engines.base import Completion, Engine, Request, SamplingParams
 from ..errors import S1KitError, require_int
 from ..formats import ThinkingFormat
 
-METHODS = ("budget", "token-conditional", "step-conditional", "class-conditional", "rejection")
+METHODS = ("budget", "token-conditional", "step-conditional", "class-conditional", "rejection", "early-exit")
 SHORT = "Think briefly: answer after a short amount of thinking and do not double-check at length."
 LONG = ("Think at length: take a long time to reason, and if you finish early, keep checking your work "
         "until you are sure of the answer.")
@@ -63,16 +63,29 @@ def build_grid(
     answer_prefix: str = _DEFAULT.answer_prefix,
     max_answer: int = _DEFAULT.max_answer_tokens,
     tokens_per_step: int = 50,
+    early_exit: Sequence[EarlyExit] = (),
+    cap_grace: int = 0,
 ) -> list[Setting]:
-    """The settings of a sweep; budgets are required by every method but ``budget``. A minimum above a cap is
-    skipped for that cap; a minimum above every cap is an error (it would run nothing)."""
+    """The settings of a sweep; budgets are required by every method but ``budget`` and ``early-exit``. A minimum
+    above a cap is skipped for that cap; a minimum above every cap is an error (it would run nothing).
+    ``early_exit`` rules make the ``early-exit`` settings (capped at the largest budget, if any); ``cap_grace``
+    applies to every setting."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise S1KitError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
-    base = BudgetPolicy(wait_strings=tuple(wait_strings), answer_prefix=answer_prefix, max_answer_tokens=max_answer)
+    if ("early-exit" in methods) != bool(early_exit):
+        raise S1KitError("the early-exit method needs early_exit rules, and early_exit rules need that method")
+    base = BudgetPolicy(wait_strings=tuple(wait_strings), answer_prefix=answer_prefix, max_answer_tokens=max_answer,
+                        cap_grace=cap_grace)
     budgets = sorted({b for b in max_thinking if b is not None})
     out: list[Setting] = []
     for method in methods:
+        if method == "early-exit":
+            cap = budgets[-1] if budgets else None  # the largest cap still bounds a sequence that never settles
+            for rule in early_exit:
+                out.append(Setting(method, early_exit_label(rule), replace(base, max_thinking_tokens=cap,
+                                                                           early_exit=rule), hi=cap))
+            continue
         if method != "budget" and not budgets:
             raise S1KitError(f"method {method!r} needs token budgets: set max_thinking_tokens")
         if method == "budget":
@@ -96,6 +109,35 @@ def build_grid(
     if len(set(keys)) != len(keys):
         raise S1KitError("the grid has duplicate settings")
     return out
+
+
+def early_exit_label(rule: EarlyExit) -> str:
+    """A short name of an early-exit rule: ``every=64,agree=2,probe=16``."""
+    return _label([("every", rule.every), ("words", "|".join(rule.words)), ("agree", rule.agree),
+                   ("conf", rule.confidence), ("probe", rule.probe_tokens)])
+
+
+def parse_early_exit(spec: str) -> EarlyExit:
+    """``"every=64,agree=2"`` / ``"words=Wait|Hmm,confidence=0.9,probe=16"`` -> an ``EarlyExit``."""
+    names = {"every": "every", "words": "words", "agree": "agree", "confidence": "confidence", "conf": "confidence",
+             "probe": "probe_tokens", "probe_tokens": "probe_tokens"}
+    fields: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in names:
+            raise ValueError(f"early exit {spec!r}: expected key=value pairs with keys every, words, agree, "
+                             "confidence, probe (e.g. every=64,agree=2)")
+        name = names[key]
+        try:
+            fields[name] = (tuple(w for w in value.split("|") if w) if name == "words" else
+                            float(value) if name == "confidence" else None if value.lower() == "none" else int(value))
+        except ValueError:
+            raise ValueError(f"early exit {spec!r}: {key} must be a number, got {value!r}") from None
+    try:
+        return EarlyExit(**fields)
+    except ValueError as e:
+        raise ValueError(f"early exit {spec!r}: {e}") from None
 
 
 def _budget_settings(base: BudgetPolicy, caps: Sequence[int | None], minimums: Sequence[int],
@@ -165,12 +207,21 @@ def setting_to_json(s: Setting) -> dict:
     """A JSON-ready form of a setting (kept in ``config.json`` so ``s1kit report`` can rebuild it)."""
     d = asdict(s)
     d["policy"]["wait_strings"] = list(s.policy.wait_strings)
+    if s.policy.early_exit is None:  # records of runs without early exit keep their former shape
+        del d["policy"]["early_exit"]
+    else:
+        d["policy"]["early_exit"]["words"] = list(s.policy.early_exit.words)
+    if not s.policy.cap_grace:
+        del d["policy"]["cap_grace"]
     return d
 
 
 def setting_from_json(d: dict) -> Setting:
     """Inverse of ``setting_to_json``."""
-    return Setting(**{**d, "policy": BudgetPolicy(**d["policy"])})
+    policy = dict(d["policy"])
+    if policy.get("early_exit") is not None:
+        policy["early_exit"] = EarlyExit(**policy["early_exit"])
+    return Setting(**{**d, "policy": BudgetPolicy(**policy)})
 
 
 class Sweep:
