@@ -82,10 +82,10 @@ def summarize(records: Sequence[dict], lo: int = 0, hi: int | None = None) -> di
         "hit_cap_rate": float(np.mean([r["hit_cap"] for r in records])) if records else float("nan"),
         "mean_waits": float(np.mean([r["waits_used"] for r in records])) if records else float("nan"),
         "graded_from_thinking": sum(r.get("graded") == "thinking" for r in records),
-        # early exit: probe tokens are compute beside the thinking (records from before early exit have none)
-        "mean_probe_tokens": float(np.mean([r.get("probe_tokens", 0) for r in records])) if records else float("nan"),
-        "early_exit_rate": float(np.mean([bool(r.get("early_exit")) for r in records])) if records else float("nan"),
     }
+    if any("probe_tokens" in r for r in records):  # records from before early exit have neither field
+        out["mean_probe_tokens"] = float(np.mean([r.get("probe_tokens", 0) for r in records]))
+        out["early_exit_rate"] = float(np.mean([bool(r.get("early_exit")) for r in records]))
     if len({r["sample"] for r in records}) > 1:
         out["majority_accuracy"] = majority_accuracy(records)
     return out
