@@ -221,9 +221,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so bfloat16 decodes faster than float32
+    (Qwen2.5-Coder-0.5B, 16 rows, 2 cores of a Xeon with AMX: 90.7 tokens/s against 43.8; BENCHMARKS.md)."""
+    import torch
+
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def default_dtype(device: str | None = None) -> str:
-    """The precision a model loads in when none is asked for: bfloat16 on a GPU, float32 elsewhere."""
-    return "bfloat16" if (device or default_device()).startswith("cuda") else "float32"
+    """The precision a model loads in when none is asked for: bfloat16 on a GPU and on a CPU that multiplies it
+    natively, float32 on other CPUs (where bfloat16 matrix products are emulated, and slower)."""
+    device = device or default_device()
+    return "bfloat16" if device.startswith("cuda") or (device.startswith("cpu") and cpu_has_bf16()) else "float32"
 
 
 def torch_dtype(name: str) -> Any:
@@ -239,7 +250,7 @@ def torch_dtype(name: str) -> Any:
 def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a bundled name, ``.gguf`` path, local dir or Hugging Face id.
 
-    Defaults: the GPU when present in bfloat16, else the CPU in float32.
+    Defaults: the GPU when present, else the CPU; the precision of ``default_dtype``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

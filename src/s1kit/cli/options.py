@@ -44,7 +44,8 @@ def grid_option(help: str, flag: str) -> typer.models.OptionInfo:
 Model = Annotated[str, typer.Option(help="Bundled name, .gguf file, model dir or HF id.")]
 Format = Annotated[str, typer.Option("--format", help="Thinking format: s1 or r1.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if present]")]
-Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... [default: bfloat16 on GPU, float32 on CPU]")]
+Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... [default: bfloat16 on a GPU and on CPUs "
+                                                   "with native bfloat16 (AVX512-BF16, AMX), else float32]")]
 BatchSize = Annotated[int, typer.Option(help="Sequences decoded together.")]
 EngineKind = Annotated[str, typer.Option("--engine", help="hf (in this process) or remote (an OpenAI-compatible server).")]
 BaseUrl = Annotated[Optional[str], typer.Option(help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1")]
