@@ -7,6 +7,7 @@ drive one ``BudgetState`` per sequence, asking it each step which token to emit.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -131,6 +132,24 @@ class BudgetState:
 
     def _cap_reached(self) -> bool:
         return self.cap is not None and len(self.thinking_ids) >= self.cap
+
+    def peek(self, proposed: int) -> int:
+        """The token ``step(proposed)`` would emit, leaving the state as it was (``step`` runs and is undone)."""
+        saved, forced = self.__dict__.copy(), self._forced.copy()
+        lengths = len(self.thinking_ids), len(self.answer_ids), len(self.token_ids)
+        try:
+            return self.step(proposed)
+        finally:  # step only appends to the three lists and mutates the queue; everything else is rebound
+            del self.thinking_ids[lengths[0]:], self.answer_ids[lengths[1]:], self.token_ids[lengths[2]:]
+            self.__dict__.update(saved)
+            self._forced = forced
+
+    def clone(self) -> "BudgetState":
+        """An independent copy of this state (policy and forcing tokens are shared: they are immutable)."""
+        other = copy.copy(self)
+        other.thinking_ids, other.answer_ids = list(self.thinking_ids), list(self.answer_ids)
+        other.token_ids, other._forced = list(self.token_ids), self._forced.copy()
+        return other
 
     def cancel(self) -> None:
         """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""
