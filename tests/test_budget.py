@@ -189,7 +189,7 @@ def test_cancel_ends_the_sequence_and_drops_queued_forced_tokens():
 
 def test_peek_tells_what_step_emits_and_changes_nothing():
     s = BudgetState(BudgetPolicy(max_thinking_tokens=6, num_waits=1), TOKENS)
-    for p in [1, IM_END, 0, 2, 3, IM_START, 4, 0, 0, 0, 0, 0, 5]:
+    for p in [1, IM_END, 0, 2, 3, 4, IM_START, 0, 0, 0, 0, 0, 0, 5]:
         if s.done:
             break
         before = (s.phase, s.waits_used, list(s.thinking_ids), list(s.token_ids), list(s._forced), s.hit_cap)
