@@ -53,52 +53,78 @@ def random_policy(rng, i):
 
 
 class Sim:
-    """vLLM's persistent batch around the processor (simulated: vLLM cannot run here), one request per row."""
+    """vLLM's persistent batch around the processor (simulated: vLLM cannot run here), one request per row.
 
-    def __init__(self, tok, slots, vocab, rng):
-        self.core = BudgetRows(tok, max_model_len=None)
+    Each step begins with one batch update in vLLM's order: requests that left (finished, or not scheduled
+    this step: "parked") leave holes; new and returning requests take the lowest holes, which vLLM then
+    does not report as removed; the other holes are removed and the last rows move into them (condense);
+    sometimes two rows swap. Returning requests come back with a new output list (async scheduling)."""
+
+    def __init__(self, tok, slots, vocab, rng, parked=4096):
+        self.core = BudgetRows(tok, max_model_len=None, parked=parked)
         self.tok, self.slots, self.vocab, self.rng = tok, slots, vocab, rng
-        self.batch = []  # row index -> request (dense, like vLLM after condensing)
-        self.parked, self.finished = [], []
+        self.batch = []  # row index -> request, or None for a hole left this step
+        self.waiting, self.parked, self.finished = [], [], []
 
     def add(self, req):
-        self.batch.append(req)
-        self.core.add(len(self.batch) - 1, req["key"], req["params"], [1, 2, 3], req["out"])
+        self.waiting.append(req)
 
-    def remove(self, i):
-        """Take row i out (finished or parked) and condense like vLLM: the last row moves into the hole."""
-        req = self.batch[i]
-        self.core.remove(i)
-        last = len(self.batch) - 1
-        if i != last:
-            self.batch[i] = self.batch[last]
-            self.core.move(last, i, swap=False)
-        self.batch.pop()
-        return req
-
-    def step(self, logits_of):
-        """One decode step: maybe reshuffle the batch, let the processor mask, 'sample' the argmax, append."""
+    def _update(self):
+        holes = sorted(i for i, r in enumerate(self.batch) if r is None)
+        if self.parked and self.rng.random() < 0.5:  # a parked request is scheduled again, with a new list
+            req = self.parked.pop(0)
+            req["out"] = list(req["out"])
+            self.waiting.append(req)
+        added = []
+        for req in self.waiting:
+            i = holes.pop(0) if holes else len(self.batch)
+            if i == len(self.batch):
+                self.batch.append(None)
+            self.batch[i] = req
+            added.append(i)
+        self.waiting = []
+        for i in holes:  # removed (processed first), then added, then moved: vLLM's order
+            self.core.remove(i)
+        for i in added:
+            req = self.batch[i]
+            self.core.add(i, req["key"], req["params"], [1, 2, 3], req["out"])
+        for hole in holes:
+            while self.batch and self.batch[-1] is None:
+                self.batch.pop()
+            if hole < len(self.batch):
+                self.batch[hole] = self.batch.pop()
+                self.core.move(len(self.batch), hole, swap=False)
+        while self.batch and self.batch[-1] is None:
+            self.batch.pop()
         if len(self.batch) > 1 and self.rng.random() < 0.2:
             a, b = self.rng.sample(range(len(self.batch)), 2)
             self.batch[a], self.batch[b] = self.batch[b], self.batch[a]
             self.core.move(a, b, swap=True)
-        if self.parked and self.rng.random() < 0.5:  # a parked request is scheduled again, with a new list
-            req = self.parked.pop(0)
-            req["out"] = list(req["out"])
-            self.add(req)
-        if len(self.batch) > 1 and self.rng.random() < 0.1:  # a running request is not scheduled this step
-            self.parked.append(self.remove(self.rng.randrange(len(self.batch))))
+
+    def step(self, logits_of):
+        """One decode step: the batch update, the processor's masking, the 'sampled' argmax, appended."""
+        self._update()
+        if not self.batch:
+            return
         logits = torch.stack([logits_of(req) for req in self.batch])
         raw = logits.clone()
         tokens = self.core.apply(logits).argmax(-1).tolist()
-        for req, row_raw, token in zip(list(self.batch), raw, tokens):
+        for i, (req, row_raw, token) in enumerate(zip(list(self.batch), raw, tokens)):
             if req["prefill_chunks"] > 0:  # a partial prefill: vLLM discards the sampled token
                 req["prefill_chunks"] -= 1
                 continue
             req["consumed"](row_raw)
             req["out"].append(token)
             if token in req["params"].ending_ids or len(req["out"]) >= req["params"].max_tokens:
-                self.finished.append(self.remove(self.batch.index(req)))
+                self.finished.append(req)
+                self.batch[i] = None
+            elif len(self.batch) > 1 and self.rng.random() < 0.05:  # not scheduled next step
+                self.parked.append(req)
+                self.batch[i] = None
+
+    @property
+    def busy(self):
+        return any(r is not None for r in self.batch) or self.parked or self.waiting
 
 
 def _request(tok, rng, i, fmt, vocab, proposals_of):
@@ -111,17 +137,21 @@ def _request(tok, rng, i, fmt, vocab, proposals_of):
     return req
 
 
-def _stops_frequent(tok, fmt, rng, n):
-    special = list(ForcingCompiler(tok, [2])(fmt, BudgetPolicy()).stop_ids) + [33359, 198]  # stops, "Wait", "\n"
+def _stops_frequent(tok, fmt, rng, n, waits=True):
+    special = list(ForcingCompiler(tok, [2])(fmt, BudgetPolicy()).stop_ids) + [198] + [33359] * waits  # "\n", "Wait"
     return [rng.choice(special) if rng.random() < 0.25 else rng.randrange(3, 49152) for _ in range(n)]
 
 
-@pytest.mark.parametrize("fmt", [S1, R1, CUSTOM], ids=["s1", "r1", "custom"])
-def test_processor_follows_budget_state_on_random_proposal_streams(tok, fmt):
-    """Point-mass logits make each step's proposal a chosen token: stops, Waits, newlines and anything else."""
-    rng = random.Random(fmt.name)
+@pytest.mark.parametrize("fmt,forgets", [(S1, False), (R1, False), (CUSTOM, False), (S1, True)],
+                         ids=["s1", "r1", "custom", "s1-forgets-parked-rows"])
+def test_processor_follows_budget_state_on_random_proposal_streams(tok, fmt, forgets):
+    """Point-mass logits make each step's proposal a chosen token: stops, Waits, newlines and anything else.
+
+    ``forgets``: the processor keeps no parked row, so every returning request is rebuilt from its tokens
+    (exact as long as the model never writes a wait string itself, which these streams then avoid)."""
+    rng = random.Random(fmt.name + str(forgets))
     vocab = len(tok)
-    sim = Sim(tok, 12, vocab, rng)
+    sim = Sim(tok, 12, vocab, rng, parked=0 if forgets else 4096)
 
     def logits_of(req):
         row = torch.full((vocab,), float("-inf"))
@@ -133,20 +163,17 @@ def test_processor_follows_budget_state_on_random_proposal_streams(tok, fmt):
 
     pending = []
     for i in range(40):
-        req = _request(tok, rng, i, fmt, vocab, lambda r: _stops_frequent(tok, fmt, rng, 200))
+        req = _request(tok, rng, i, fmt, vocab, lambda r: _stops_frequent(tok, fmt, rng, 200, waits=not forgets))
         req["fed"] = []
         req["consumed"] = consumed(req)
         pending.append(req)
     for _ in range(3000):
-        while pending and len(sim.batch) + len(sim.parked) < sim.slots:
+        live = sum(r is not None for r in sim.batch) + len(sim.parked)
+        for _ in range(min(len(pending), sim.slots - live)):
             sim.add(pending.pop())
-        if not sim.batch and not sim.parked:
+        if not sim.busy:
             break
-        if sim.batch:
-            sim.step(logits_of)
-        else:
-            sim.parked[0]["out"] = list(sim.parked[0]["out"])
-            sim.add(sim.parked.pop(0))
+        sim.step(logits_of)
     assert len(sim.finished) == 40
     for req in sim.finished:
         ref = BudgetState(req["policy"], req["tokens"])
@@ -185,13 +212,10 @@ def test_greedy_rows_on_random_logits_equal_the_machine_fed_the_argmax(tok):
         req["consumed"] = lambda raw, req=req: req["fed"].append(int(raw.argmax()))
         reqs.append(req)
         sim.add(req)
-    for _ in range(400):
-        if not sim.batch and not sim.parked:
+    for _ in range(600):
+        if not sim.busy:
             break
-        if sim.batch:
-            sim.step(logits_of)
-        else:
-            sim.add(sim.parked.pop(0))
+        sim.step(logits_of)
     assert len(sim.finished) == 16
     for req in reqs:
         ref = BudgetState(req["policy"], req["tokens"])

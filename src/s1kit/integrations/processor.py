@@ -31,6 +31,7 @@ from ..budget import BudgetPolicy, BudgetState, ForcingTokens, Phase
 from ..engines.base import ForcingCompiler, context_cap
 from ..errors import S1KitError
 from .sampling import RowSampling, draw, uniform
+from .replay import replay
 from .xargs import from_xargs, wants_forcing
 
 log = logging.getLogger("s1kit.vllm")
@@ -75,7 +76,7 @@ class _Row:
                  end_id: int | None) -> None:
         self.key, self.state, self.out, self.sampling, self.seed, self.end_id = key, state, out, sampling, seed, end_id
         self.fed = 0  # output tokens the machine has consumed
-        self.proposals: list[int] = []  # the proposal behind each of them (to rebuild the machine)
+        self.proposals: list[int] | None = []  # the proposal behind each (to rebuild the machine); None: unknown
         self.plan, self.slot, self.drawn = FREE, -1, None
         self.stop_id = min(state.tokens.stop_ids) if state is not None else -1
         self.error: str | None = None
@@ -125,7 +126,7 @@ class BudgetRows:
     def add(self, index: int, key: Any, params: RequestParams, prompt_ids: Sequence[int] | None,
             out: list[int]) -> None:
         """A request took row ``index``: start (or resume) its machine; ``out`` is vLLM's live output list."""
-        self.rows.pop(index, None)
+        self.remove(index)  # vLLM reuses a freed index without listing it as removed
         row = self._parked.pop(id(key), None)
         if row is not None and row.key is key:
             row.out = out
@@ -147,30 +148,41 @@ class BudgetRows:
                 state = self._machine(*checked, params, len(prompt_ids or ()))
             except (ValueError, S1KitError) as e:
                 problem = str(e)
+        if state is not None and out:  # back after its state was dropped: rebuild it from the tokens
+            log.warning("s1kit: a request came back with %d output tokens after its state was dropped; "
+                        "rebuilding it from them", len(out))
+            try:
+                state = replay(out, state.policy, state.tokens, state.cap).state
+            except S1KitError as e:
+                problem = str(e)
         row = _Row(key, state, out, params.sampling, seed, end_id)
+        if out:
+            row.fed, row.proposals = len(out), None
         if problem is not None:
             self._fail(row, problem)
         self.rows[index] = row
-        if out:  # resumed after vLLM forgot it: rebuild from its tokens (their proposals are unknown)
-            log.warning("s1kit: a request with %d output tokens joined the batch unknown; its Waits are "
-                        "re-derived from its tokens", len(out))
-            self._sync(row)
 
     def remove(self, index: int) -> None:
         """Row ``index`` left the batch (finished, or not scheduled this step: then it may come back)."""
         row = self.rows.pop(index, None)
         if row is not None:
-            self._parked[id(row.key)] = row
-            while len(self._parked) > self._parked_max:
-                self._parked.popitem(last=False)
+            self._park(row)
+
+    def _park(self, row: _Row) -> None:
+        self._parked[id(row.key)] = row
+        while len(self._parked) > self._parked_max:
+            self._parked.popitem(last=False)
 
     def move(self, a: int, b: int, swap: bool) -> None:
         """vLLM moved row ``a`` to ``b`` (``swap``: and ``b`` to ``a``)."""
         ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
         if ra is not None:
             self.rows[b] = ra
-        if swap and rb is not None:
-            self.rows[a] = rb
+        if rb is not None:
+            if swap:
+                self.rows[a] = rb
+            else:
+                self._park(rb)
 
     # -- compiling a request ------------------------------------------------------------------------------
 
@@ -225,11 +237,14 @@ class BudgetRows:
         """Feed the machine the tokens vLLM emitted since the last step, checking each against its own."""
         out, n = row.out, len(row.out)
         if n < row.fed:  # vLLM dropped tokens (a failed KV load): rebuild the machine from its proposals
-            proposals = row.proposals[:n]
-            row.state = BudgetState(row.state.policy, row.state.tokens, row.state.cap)
-            row.fed, row.proposals = 0, []
-            for p in proposals:
-                self._feed(row, p, out[row.fed])
+            state = row.state
+            if row.proposals is None:  # unknown since a rebuild: read them from the tokens again
+                row.state, row.fed = replay(out, state.policy, state.tokens, state.cap).state, n
+            else:
+                proposals = row.proposals[:n]
+                row.state, row.fed, row.proposals = BudgetState(state.policy, state.tokens, state.cap), 0, []
+                for p in proposals:
+                    self._feed(row, p, out[row.fed])
         if n == row.fed:
             row.plan = FREE  # nothing new: vLLM discarded last step's token (a partial prefill)
             return
@@ -251,7 +266,8 @@ class BudgetRows:
         if state.done:
             return  # the end token forced after the machine finished
         expected = state.step(proposal)
-        row.proposals.append(proposal)
+        if row.proposals is not None:
+            row.proposals.append(proposal)
         if expected != emitted:
             self._fail(row, f"vLLM emitted token {emitted} where budget forcing emits {expected} (output position "
                             f"{row.fed - 1}); another logits processor may have overridden this one")
@@ -301,13 +317,13 @@ class BudgetRows:
         idx = self._to_device(rows)
         width = max(len(s) for s in stops)
         stop_table = self._to_device([sorted(s) + [-1] * (width - len(s)) for s in stops])
-        proposals = draw(logits.index_select(0, idx), sampling,
-                         self._to_device(u, torch.float64))
+        proposals = draw(logits.index_select(0, idx), sampling, self._to_device(u, torch.float64), self._to_device)
         is_stop = (proposals.unsqueeze(1) == stop_table).any(1)
         readback.start(proposals, self._pinned)  # read at the next step, when vLLM has emitted these rows
         return torch.where(is_stop, self._to_device(repl), proposals)
 
     def _to_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A host list on the device without blocking the host (pinned memory, asynchronous copy), as vLLM does."""
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pinned)
         return t.to(self.device, non_blocking=self._pinned)
 

@@ -14,8 +14,12 @@ the batch holds, identical on every tensor-parallel rank, and unaffected by step
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+# values -> tensor on the logits' device; the processor passes one that copies without blocking the host
+ToDevice = Callable[[list, torch.dtype], torch.Tensor]
 
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is argmax
 _MASK64 = (1 << 64) - 1
@@ -44,36 +48,43 @@ class RowSampling:
         return self.temperature < GREEDY_BELOW
 
 
-def filtered_logits(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+def _plain_copy(logits: torch.Tensor) -> ToDevice:
+    return lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)
+
+
+def filtered_logits(logits: torch.Tensor, rows: list[RowSampling], to_device: ToDevice | None = None) -> torch.Tensor:
     """``[R, V]`` float32 logits after temperature, min-p, top-k and top-p (dropped tokens at -inf)."""
-    x = logits.float() / torch.tensor([r.temperature for r in rows], device=logits.device).unsqueeze(1)
+    to_device = to_device or _plain_copy(logits)
+    x = logits.float() / to_device([r.temperature for r in rows], torch.float32).unsqueeze(1)
     if any(r.min_p > 0 for r in rows):
         probs = x.softmax(-1)
-        min_p = torch.tensor([r.min_p for r in rows], device=x.device).unsqueeze(1)
+        min_p = to_device([r.min_p for r in rows], torch.float32).unsqueeze(1)
         x = x.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, float("-inf"))
     vocab = x.shape[1]
     ks = [r.top_k if 0 < r.top_k < vocab else vocab for r in rows]
     if all(k == vocab for k in ks) and all(r.top_p >= 1 for r in rows):
         return x
     values, order = x.sort(-1, descending=True)
-    k = torch.tensor(ks, device=x.device).unsqueeze(1)
+    k = to_device(ks, torch.long).unsqueeze(1)
     values = values.masked_fill(values < values.gather(1, k - 1), float("-inf"))
     probs = values.softmax(-1)
     above = probs.cumsum(-1) - probs  # mass of the tokens sorted before each one
-    top_p = torch.tensor([r.top_p for r in rows], device=x.device).unsqueeze(1)
+    top_p = to_device([r.top_p for r in rows], torch.float32).unsqueeze(1)
     drop = above >= top_p
     drop[:, 0] = False
     values = values.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, values)
 
 
-def draw(logits: torch.Tensor, rows: list[RowSampling], uniforms: torch.Tensor) -> torch.Tensor:
+def draw(logits: torch.Tensor, rows: list[RowSampling], uniforms: torch.Tensor,
+         to_device: ToDevice | None = None) -> torch.Tensor:
     """One token per row: the argmax for greedy rows, else inverse-CDF sampling with ``uniforms`` ``[R]``."""
+    to_device = to_device or _plain_copy(logits)
     tokens = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.greedy]
     if sampled:
-        idx = torch.tensor(sampled, device=logits.device)
-        x = filtered_logits(logits.index_select(0, idx), [rows[i] for i in sampled])
+        idx = to_device(sampled, torch.long)
+        x = filtered_logits(logits.index_select(0, idx), [rows[i] for i in sampled], to_device)
         cdf = x.double().softmax(-1).cumsum(-1)
         target = uniforms.index_select(0, idx).to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
         picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=x.shape[1] - 1)
