@@ -19,8 +19,9 @@ import resolve; print(resolve('/root/stage/q05.gguf'))")``, or random weights sa
     export PYTHONPATH=/tmp/vsite:$PWD/src PYTHONUNBUFFERED=1
     S="python3 -m vllm.entrypoints.openai.api_server --model $MODEL --served-model-name m --max-model-len 4096 \
        --generation-config vllm --gpu-memory-utilization 0.4"
-    $S --port 8000 --logits-processors s1kit.integrations.vllm:S1BudgetLogitsProcessor > $OUT/plugin.log 2>&1 &
-    $S --port 8001 > $OUT/plain.log 2>&1 &
+    VLLM_CACHE_ROOT=/root/vc1 $S --port 8000 --logits-processors s1kit.integrations.vllm:S1BudgetLogitsProcessor \
+        > $OUT/plugin.log 2>&1 &
+    VLLM_CACHE_ROOT=/root/vc2 $S --port 8001 > $OUT/plain.log 2>&1 &
     until curl -sf localhost:8000/v1/models >/dev/null && curl -sf localhost:8001/v1/models >/dev/null; do sleep 2; done
     python3 benchmarks/remote_vllm.py --plugin-url http://127.0.0.1:8000/v1 --plain-url http://127.0.0.1:8001/v1 \
         --tokenizer $MODEL --loop-before .bench/remote_a765aa6.py --json $OUT/remote_vllm.json
@@ -35,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,8 +127,8 @@ def equality(plugin_url: str, args, reqs: list[Request], forced: list) -> dict:
             "first_divergence_positions": first}
 
 
-def streaming(url: str, engine: RemoteEngine) -> tuple[dict, list[str]]:
-    """A raw streamed request with vllm_xargs vs the same request without streaming."""
+def streaming(url: str, engine: RemoteEngine, report: dict) -> dict:
+    """Part (c): a raw streamed request with vllm_xargs vs the same request without streaming."""
     req = Request("Explain why the sky is blue.", BudgetPolicy(max_thinking_tokens=32, num_waits=1, max_answer_tokens=24))
     ids, tokens, _ = engine.prepare(req)
     closing = len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
@@ -135,16 +138,16 @@ def streaming(url: str, engine: RemoteEngine) -> tuple[dict, list[str]]:
     text, ids_out, chunks = "", [], 0
     with httpx.stream("POST", url + "/completions", json={**body, "stream": True}, timeout=300) as r:
         for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
                 choice = json.loads(line[6:])["choices"][0]
                 text += choice.get("text") or ""
                 ids_out += choice.get("token_ids") or []
                 chunks += 1
-    failures = []
     if chunks < 3 or text != whole["text"] or ids_out != whole["token_ids"]:
-        failures.append(f"streaming: {chunks} chunks, text equal {text == whole['text']}, ids equal "
-                        f"{ids_out == whole['token_ids']}")
-    return {"chunks": chunks, "tokens": len(ids_out), "text_equal": text == whole["text"]}, failures
+        report["failures"].append(f"streaming: {chunks} chunks, text equal {text == whole['text']}, ids equal "
+                                  f"{ids_out == whole['token_ids']}")
+    return {"chunks": chunks, "tokens": len(ids_out), "text_equal": text == whole["text"],
+            "ids_equal": ids_out == whole["token_ids"]}
 
 
 async def _direct(url: str, model: str, prompt_ids: list[list[int]], lengths: list[int], concurrency: int) -> int:
@@ -160,6 +163,71 @@ async def _direct(url: str, model: str, prompt_ids: list[list[int]], lengths: li
         return sum(await asyncio.gather(*(one(p, n) for p, n in zip(prompt_ids, lengths))))
 
 
+def check_exactness(forced: RemoteEngine, args, report: dict) -> tuple[list[Request], list]:
+    """Part (a): the exactness report; returns the requests and completions for part (b)."""
+    t = time.perf_counter()
+    reqs, out, failures = exactness(forced, args.exact_each)
+    report["exactness"] = {
+        "requests": len(reqs), "failures": failures, "seconds": time.perf_counter() - t,
+        "waits_used": sorted({c.waits_used for c in out}),
+        "thinking_by_policy": {name: sorted({c.thinking_tokens for r, c in zip(reqs, out) if r.policy == p})[:12]
+                               for name, p in EXACT_POLICIES}}
+    report["failures"] += failures
+    print(f"exactness: {len(reqs)} requests, {len(failures)} failures", *failures[:10], sep="\n  ")
+    return reqs, out
+
+
+def throughput(forced: RemoteEngine, args, device: str, report: dict) -> list[dict]:
+    """Part (d): direct, plugin, loop (and loop_before) on the same prompts and token counts."""
+    flat_url = args.plain_url or args.plugin_url
+    flat = "plain" if args.plain_url else "plugin"
+    policy = BudgetPolicy(min_thinking_tokens=args.thinking, max_thinking_tokens=args.thinking,
+                          max_answer_tokens=args.answer)
+    reqs = [Request(p, policy) for p in prompts(args.prompts)]
+    forced.generate(reqs[: max(1, args.concurrency // 4)])  # warm-up: connections, CUDA graphs of these shapes
+    rows = []
+
+    def engine_row(path: str, engine, server: str) -> list:
+        sent = engine.completions_sent
+        t = time.perf_counter()
+        out = engine.generate(reqs)
+        seconds = time.perf_counter() - t
+        # generated tokens as the server counts them: the processor also emits an end token after an answer budget
+        tokens = sum(len(c.token_ids) + (path == "plugin" and c.finish_reason == "length") for c in out)
+        rows.append({"path": path, "tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+                     "samples": len(out), "concurrency": args.concurrency, "device": device, "server": server,
+                     "requests": engine.completions_sent - sent,
+                     "thinking_plus_answer": sum(c.thinking_tokens + c.answer_tokens for c in out),
+                     "exact": all(c.thinking_tokens == args.thinking for c in out)})
+        return out
+
+    plugin_out = engine_row("plugin", forced, "plugin")
+    ids = [forced.prepare(r)[0] for r in reqs]
+    lengths = [len(c.token_ids) + (c.finish_reason == "length") for c in plugin_out]
+    t = time.perf_counter()
+    tokens = asyncio.run(_direct(flat_url, forced.served_model, ids, lengths, args.concurrency))
+    seconds = time.perf_counter() - t
+    rows.insert(0, {"path": "direct", "tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+                    "samples": len(ids), "concurrency": args.concurrency, "device": device, "server": flat,
+                    "requests": len(ids)})
+    with RemoteEngine(flat_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency, plugin=False,
+                      timeout=900) as loop:
+        engine_row("loop", loop, flat)
+    if args.loop_before:
+        before = load_engine_class(args.loop_before)
+        with before(flat_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency, timeout=900) as old:
+            engine_row("loop_before", old, flat)
+    for row in rows:
+        row["vs_direct"] = row["tok_s"] / rows[0]["tok_s"]
+        if "exact" in row and not row["exact"]:
+            report["failures"].append(f"throughput {row['path']}: not every sample thought {args.thinking} tokens")
+    print(f"\n{'path':12} {'server':7} {'tok/s':>9} {'tokens':>8} {'seconds':>8} {'requests':>8} {'vs direct':>9}")
+    for r in rows:
+        print(f"{r['path']:12} {r['server']:7} {r['tok_s']:9.0f} {r['tokens']:8d} {r['seconds']:8.2f} "
+              f"{r['requests']:8d} {r['vs_direct']:9.2f}")
+    return rows
+
+
 def load_engine_class(path: str):
     """``RemoteEngine`` from an older copy of ``engines/remote.py`` (imported as a module of s1kit.engines)."""
     spec = importlib.util.spec_from_file_location("s1kit.engines._remote_before", path)
@@ -170,16 +238,25 @@ def load_engine_class(path: str):
 
 
 def device_name(override: str | None) -> str:
+    """The GPU's name from nvidia-smi (no CUDA context in this process: the servers hold the memory)."""
     if override:
         return override
     try:
-        import torch
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+        return names[0].strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return "cpu"
+
+def part(report: dict, name: str, fn):
+    """Run one part; an exception becomes a failure in the report (the other parts still run)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any crash of a part is a failed check, reported with its type
+        report["failures"].append(f"{name}: {type(e).__name__}: {e}")
+        print(f"{name} FAILED: {type(e).__name__}: {e}")
+        return None
 
 
 def main() -> None:
@@ -195,83 +272,31 @@ def main() -> None:
     ap.add_argument("--exact-each", type=int, default=32, help="prompts per policy in the exactness check")
     ap.add_argument("--loop-before", help="an older engines/remote.py to measure as loop_before")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: exact,equal,stream,throughput")
-    ap.add_argument("--device", help="device name for the rows (default: torch's name for GPU 0)")
+    ap.add_argument("--device", help="device name for the rows (default: nvidia-smi's)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/remote_vllm.json"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = device_name(args.device)
-    flat_url = args.plain_url or args.plugin_url
     report: dict = {"args": vars(args) | {"json": str(args.json)}, "device": device, "failures": []}
     try:
         report["vllm_version"] = httpx.get(args.plugin_url.rsplit("/v1", 1)[0] + "/version", timeout=10).json()
     except (httpx.HTTPError, ValueError):
         pass
-    with RemoteEngine(args.plugin_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency,
-                      plugin=True, timeout=900) as forced:
+    forced = part(report, "the processor's server", lambda: RemoteEngine(
+        args.plugin_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency, plugin=True, timeout=900))
+    with forced or contextlib.nullcontext():
+        if forced is None:
+            skip |= {"exact", "stream", "throughput"}
         if "exact" not in skip:
-            t = time.perf_counter()
-            reqs, out, failures = exactness(forced, args.exact_each)
-            report["exactness"] = {"requests": len(reqs), "failures": failures, "seconds": time.perf_counter() - t,
-                                   "waits_used": sorted({c.waits_used for c in out}),
-                                   "thinking_by_policy": {name: sorted({c.thinking_tokens for r, c in zip(reqs, out)
-                                                                        if r.policy == p})[:12]
-                                                          for name, p in EXACT_POLICIES}}
-            report["failures"] += failures
-            print(f"exactness: {len(reqs)} requests, {len(failures)} failures", *failures[:10], sep="\n  ")
-            if "equal" not in skip:
-                report["equality"] = equality(args.plugin_url, args, reqs, out)
+            done = part(report, "exactness", lambda: check_exactness(forced, args, report))
+            if done and "equal" not in skip:
+                report["equality"] = part(report, "equality", lambda: equality(args.plugin_url, args, *done))
                 print("greedy equality plugin vs loop:", report["equality"])
         if "stream" not in skip:
-            report["streaming"], failures = streaming(args.plugin_url, forced)
-            report["failures"] += failures
-            print("streaming:", report["streaming"], failures or "ok")
+            report["streaming"] = part(report, "streaming", lambda: streaming(args.plugin_url, forced, report))
+            print("streaming:", report["streaming"])
         if "throughput" not in skip:
-            policy = BudgetPolicy(min_thinking_tokens=args.thinking, max_thinking_tokens=args.thinking,
-                                  max_answer_tokens=args.answer)
-            reqs = [Request(p, policy) for p in prompts(args.prompts)]
-            forced.generate(reqs[: args.concurrency // 4])  # warm-up: connections, CUDA graphs of these shapes
-            rows = []
-
-            def engine_row(path: str, engine, server: str) -> list:
-                sent = engine.completions_sent
-                t = time.perf_counter()
-                out = engine.generate(reqs)
-                seconds = time.perf_counter() - t
-                tokens = sum(len(c.token_ids) + (c.finish_reason == "length" and path == "plugin") for c in out)
-                rows.append({"path": path, "tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
-                             "samples": len(out), "concurrency": args.concurrency, "device": device, "server": server,
-                             "requests": engine.completions_sent - sent,
-                             "thinking_plus_answer": sum(c.thinking_tokens + c.answer_tokens for c in out),
-                             "exact": all(c.thinking_tokens == args.thinking for c in out)})
-                return out
-
-            plugin_out = engine_row("plugin", forced, "plugin")
-            ids = [forced.prepare(r)[0] for r in reqs]
-            lengths = [len(c.token_ids) + (c.finish_reason == "length") for c in plugin_out]
-            t = time.perf_counter()
-            tokens = asyncio.run(_direct(flat_url, args.model, ids, lengths, args.concurrency))
-            seconds = time.perf_counter() - t
-            rows.insert(0, {"path": "direct", "tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
-                            "samples": len(ids), "concurrency": args.concurrency, "device": device,
-                            "server": "plain" if args.plain_url else "plugin", "requests": len(ids)})
-            with RemoteEngine(flat_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency, plugin=False,
-                              timeout=900) as loop:
-                engine_row("loop", loop, "plain" if args.plain_url else "plugin")
-            if args.loop_before:
-                before = load_engine_class(args.loop_before)
-                with before(flat_url, args.model, tokenizer=args.tokenizer, concurrency=args.concurrency,
-                            timeout=900) as old:
-                    engine_row("loop_before", old, "plain" if args.plain_url else "plugin")
-            direct = rows[0]["tok_s"]
-            for row in rows:
-                row["vs_direct"] = row["tok_s"] / direct
-                if "exact" in row and not row["exact"]:
-                    report["failures"].append(f"throughput {row['path']}: not every sample thought {args.thinking}")
-            report["throughput"] = rows
-            print(f"\n{'path':12} {'server':7} {'tok/s':>9} {'tokens':>8} {'seconds':>8} {'requests':>8} {'vs direct':>9}")
-            for r in rows:
-                print(f"{r['path']:12} {r['server']:7} {r['tok_s']:9.0f} {r['tokens']:8d} {r['seconds']:8.2f} "
-                      f"{r['requests']:8d} {r['vs_direct']:9.2f}")
+            report["throughput"] = part(report, "throughput", lambda: throughput(forced, args, device, report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str))
     if report["failures"]:

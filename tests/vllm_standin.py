@@ -2,7 +2,7 @@
 
 vLLM cannot be installed in CI (its wheels need a CUDA GPU), so the remote engine's tests talk to this:
 ``/v1/models`` and ``/v1/completions`` as vLLM answers them (token-id prompts, ``stop_token_ids``,
-``return_token_ids``, ``vllm_xargs``, ``owned_by: vllm``, ``max_model_len``), over the real SmolLM2 in
+``return_token_ids``, ``vllm_xargs``, ``owned_by: vllm``, ``max_model_len``, ``stream``), over the real SmolLM2 in
 transformers (float32, CPU, one request at a time, KV cache kept across its steps). With ``plugin=True``
 every step's logits go through s1kit's processor core (``BudgetRows``, the code the vLLM adapter runs)
 and bad ``s1_`` fields are a 400, as vLLM's ``validate_params`` makes them; without, ``vllm_xargs`` is
@@ -58,9 +58,23 @@ class VLLMStandIn:
                 if self.path != "/v1/completions":
                     return self._send(404, {"error": "not found"})
                 try:
-                    self._send(200, standin.complete(body))
+                    answer = standin.complete(body)
                 except ValueError as e:
-                    self._send(400, {"error": {"message": str(e), "type": "BadRequestError", "code": 400}})
+                    return self._send(400, {"error": {"message": str(e), "type": "BadRequestError", "code": 400}})
+                if not body.get("stream"):
+                    return self._send(200, answer)
+                self.send_response(200)  # server-sent events: one chunk per token, then [DONE]
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                choice = answer["choices"][0]
+                for k, token in enumerate(choice["token_ids"]):
+                    last = k == len(choice["token_ids"]) - 1
+                    text = standin.tokenizer.decode(choice["token_ids"][: k + 1], skip_special_tokens=False)
+                    text = text[len(standin.tokenizer.decode(choice["token_ids"][:k], skip_special_tokens=False)):]
+                    chunk = {"choices": [{"index": 0, "text": text, "token_ids": [token],
+                                          "finish_reason": choice["finish_reason"] if last else None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
