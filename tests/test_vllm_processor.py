@@ -303,7 +303,7 @@ def test_a_stop_becomes_a_wait_with_the_probability_the_model_gives_it(tok, s):
     keep, _ = _reference_keep(full[:vocab].tolist(), s)
     assert other and all(keep[t] and t not in (1, 2) for t in other)  # otherwise a non-stop from the distribution
     # the machine took the forced Waits as Waits: feed the next step and read its state
-    core.add(0, key := object(), params(policy, S1, s, seed=0), [5], out := [])
+    core.add(0, object(), params(policy, S1, s, seed=0), [5], out := [])
     e = core.apply(full.unsqueeze(0).clone()).argmax(-1).item()
     out.append(e)
     core.apply(full.unsqueeze(0).clone())

@@ -156,7 +156,7 @@ class RemoteEngine:
         self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> "RemoteEngine":
+    def __enter__(self) -> RemoteEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

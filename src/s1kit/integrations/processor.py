@@ -30,8 +30,8 @@ import torch
 from ..budget import BudgetPolicy, BudgetState, ForcingTokens, Phase
 from ..engines.base import ForcingCompiler, context_cap
 from ..errors import S1KitError
-from .sampling import RowSampling, draw, uniform
 from .replay import replay
+from .sampling import RowSampling, draw, uniform
 from .xargs import from_xargs, wants_forcing
 
 log = logging.getLogger("s1kit.vllm")
@@ -312,7 +312,7 @@ class BudgetRows:
         return logits
 
     def _draw(self, logits: torch.Tensor, rows: list[int], repl: list[int], stops: list[frozenset[int]],
-              sampling: list[RowSampling], u: list[float], readback: "_Readback") -> torch.Tensor:
+              sampling: list[RowSampling], u: list[float], readback: _Readback) -> torch.Tensor:
         """Each freely thinking row's token: its drawn proposal, or what the machine emits for a stopping one."""
         idx = self._to_device(rows)
         width = max(len(s) for s in stops)

@@ -60,7 +60,7 @@ class S1BudgetLogitsProcessor(LogitsProcessor):
         """Refuse a request whose ``s1_`` fields are unknown or invalid (vLLM turns the ValueError into HTTP 400)."""
         check_request(request_params(sampling_params))
 
-    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         from transformers import AutoTokenizer
 
         mc = vllm_config.model_config
