@@ -300,7 +300,7 @@ class BudgetRows:
                 draw_repl.append(state.peek(row.stop_id))
                 draw_stops.append(state.tokens.stop_ids)
                 draw_sampling.append(row.sampling)
-                draw_u.append(uniform(row.seed, len(row.out)))
+                draw_u.append(0.0 if row.sampling.greedy else uniform(row.seed, len(row.out)))
         if not forced_rows and not draw_rows:
             return logits
         targets = [self._to_device(forced_ids)] if forced_rows else []
