@@ -121,7 +121,10 @@ def main() -> None:
                     if server is None:
                         from s1kit.models import BUNDLED, bundled_files
 
-                        gguf = str(bundled_files(BUNDLED[args.model])[0])
+                        gguf = os.path.join(old, "model.gguf")  # the shipped parts, joined as llama.cpp reads one file
+                        with open(gguf, "wb") as f:
+                            for part in bundled_files(BUNDLED[args.model]):
+                                f.write(part.read_bytes())
                         port = _free_port()
                         server = subprocess.Popen(
                             [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
@@ -135,7 +138,8 @@ def main() -> None:
                             except OSError:
                                 time.sleep(0.5)
                     rows.append(_run(base + [f"--base-url={url}"], src))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                print("\n".join(json.dumps(r) for r in rows if r["batch"] == b and r["path"] == path),
+                      file=sys.stderr, flush=True)
         if server is not None:
             server.kill()
     print(f"\n{args.model}, GSM8K, thinking cap 128, answer 32, greedy, {args.threads} threads\n")

@@ -185,3 +185,17 @@ def test_cancel_ends_the_sequence_and_drops_queued_forced_tokens():
     assert s.done and s.finish_reason == "cancelled"
     with pytest.raises(RuntimeError):
         s.step(1)
+
+
+def test_peek_tells_what_step_emits_and_changes_nothing():
+    s = BudgetState(BudgetPolicy(max_thinking_tokens=6, num_waits=1), TOKENS)
+    for p in [1, IM_END, 0, 2, 3, 4, IM_START, 0, 0, 0, 0, 0, 0, 5]:
+        if s.done:
+            break
+        before = (s.phase, s.waits_used, list(s.thinking_ids), list(s.token_ids), list(s._forced), s.hit_cap)
+        peeked = s.peek(p)
+        assert before == (s.phase, s.waits_used, list(s.thinking_ids), list(s.token_ids), list(s._forced), s.hit_cap)
+        twin = s.clone()
+        assert s.step(p) == peeked == twin.step(p)
+        assert (twin.token_ids, twin.waits_used, twin.phase) == (s.token_ids, s.waits_used, s.phase)
+    assert s.waits_used == 1 and s.hit_cap and twin.token_ids is not s.token_ids

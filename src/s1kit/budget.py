@@ -7,6 +7,7 @@ drive one ``BudgetState`` per sequence, asking it each step which token to emit.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -231,6 +232,25 @@ class BudgetState:
         """Close thinking at the next step exactly as the cap does (the cap becomes the thinking so far)."""
         if self.phase is Phase.THINK:
             self.cap = len(self.thinking_ids) if self.cap is None else min(self.cap, len(self.thinking_ids))
+
+    def peek(self, proposed: int) -> int:
+        """The token ``step(proposed)`` would emit, leaving the state as it was (``step`` runs and is undone)."""
+        saved, forced = self.__dict__.copy(), self._forced.copy()
+        lengths = len(self.thinking_ids), len(self.answer_ids), len(self.token_ids)
+        try:
+            return self.step(proposed)
+        finally:  # step only appends to the three lists and mutates the queue; everything else is rebound
+            del self.thinking_ids[lengths[0]:], self.answer_ids[lengths[1]:], self.token_ids[lengths[2]:]
+            self.__dict__.update(saved)
+            self._forced = forced
+
+    def clone(self) -> "BudgetState":
+        """An independent copy of this state (policy and forcing tokens are shared: they are immutable)."""
+        other = copy.copy(self)
+        other.thinking_ids, other.answer_ids = list(self.thinking_ids), list(self.answer_ids)
+        other.token_ids, other._forced = list(self.token_ids), self._forced.copy()
+        other.probe_answers = list(self.probe_answers)
+        return other
 
     def cancel(self) -> None:
         """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""

@@ -9,12 +9,13 @@ answer. Any ``complete(ids, max_new_tokens, stop_ids)`` backend can drive it: tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from ..budget import BudgetPolicy, ForcingTokens
 
 # complete(prefix ids, max new tokens, stop ids) -> new ids, ending with the stop token if one was hit.
 Complete = Callable[[list[int], int, frozenset[int]], list[int]]
+Call = tuple[list[int], int, frozenset[int]]  # the arguments of one ``complete`` call
 
 
 @dataclass
@@ -39,14 +40,31 @@ def stop_and_continue(
     complete: Complete,
     cap: int | None = None,
     unbounded: int = 1 << 30,
-    trace: LoopTrace | None = None,
-    on_call: Callable[[], None] | None = None,
-    close_thinking: Callable[[], bool] | None = None,
 ) -> LoopTrace:
-    """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window).
+    """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window)."""
+    steps = loop_steps(prompt_ids, policy, tokens, cap, unbounded)
+    call = next(steps)
+    while True:
+        try:
+            call = steps.send(complete(*call))
+        except StopIteration as done:
+            return done.value
 
-    ``trace`` is filled as the loop goes (``on_call()`` runs after each thinking call); once ``close_thinking()``
-    is true, thinking closes as at a cap of the tokens so far."""
+
+def loop_steps(
+    prompt_ids: Sequence[int],
+    policy: BudgetPolicy,
+    tokens: ForcingTokens,
+    cap: int | None = None,
+    unbounded: int = 1 << 30,
+    trace: LoopTrace | None = None,
+    close_thinking: Callable[[], bool] | None = None,
+) -> Generator[Call, list[int], LoopTrace]:
+    """The s1 loop as a generator: yields each ``complete`` call's arguments, is sent its new ids, returns the trace.
+
+    ``stop_and_continue`` drives it with a plain function; the remote engine drives many at once on one
+    event loop, awaiting each call. ``trace`` is filled as the loop goes (so a driver can stream it after each
+    call); once ``close_thinking()`` is true, thinking closes as at a cap of the tokens so far."""
     cap = policy.max_thinking_tokens if cap is None else cap
     t = LoopTrace() if trace is None else trace
     prompt = list(prompt_ids)
@@ -56,11 +74,9 @@ def stop_and_continue(
         remaining = unbounded if cap is None else cap - len(t.thinking_ids)
         if remaining <= 0:
             break
-        out = complete(prompt + t.thinking_ids, remaining, tokens.stop_ids)
+        out = yield prompt + t.thinking_ids, remaining, tokens.stop_ids
         stopped = bool(out) and out[-1] in tokens.stop_ids
         t.thinking_ids += out[:-1] if stopped else out
-        if on_call is not None:
-            on_call()
         if not stopped:
             if len(out) < remaining:  # the backend ended without a stop token: treat as a cap
                 break
@@ -71,11 +87,11 @@ def stop_and_continue(
             room = len(wait) if cap is None else cap - len(t.thinking_ids)
             t.thinking_ids += wait[:room]
             continue
-        return _answer(t, prompt, list(tokens.opener_ids), [], policy, tokens, complete)
+        return (yield from _answer(t, prompt, list(tokens.opener_ids), [], policy, tokens))
     t.hit_cap = True
     ends_nl = tokens.ends_with_newline(t.thinking_ids[-1]) if t.thinking_ids else tokens.prompt_ends_with_newline
     opener, prefix = tokens.cap_close_ids(ends_nl)
-    return _answer(t, prompt, list(opener), list(prefix), policy, tokens, complete)
+    return (yield from _answer(t, prompt, list(opener), list(prefix), policy, tokens))
 
 
 def _answer(
@@ -85,9 +101,8 @@ def _answer(
     prefix: list[int],
     policy: BudgetPolicy,
     tokens: ForcingTokens,
-    complete: Complete,
-) -> LoopTrace:
-    out = complete(prompt + t.thinking_ids + opener + prefix, policy.max_answer_tokens, tokens.end_ids)
+) -> Generator[Call, list[int], LoopTrace]:
+    out = yield prompt + t.thinking_ids + opener + prefix, policy.max_answer_tokens, tokens.end_ids
     ended = bool(out) and out[-1] in tokens.end_ids
     t.answer_ids = prefix + (out[:-1] if ended else out)
     t.token_ids = t.thinking_ids + opener + prefix + out

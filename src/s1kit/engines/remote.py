@@ -1,13 +1,20 @@
 """Remote engine: budget forcing over any OpenAI-compatible ``/v1/completions`` server (vLLM, SGLang, llama.cpp).
 
-No such server extends thinking, so this engine runs the s1 stop-and-continue loop
-(``engines.reference.stop_and_continue``) with every ``complete`` call sent over HTTP: generate until a
-stop token or the remaining budget, then continue from the whole prefix (the server's prefix cache makes
-that cheap). Prompts go as token ids where the server takes them (vLLM, SGLang, llama-server) and as text
-otherwise (llama-cpp-python), with a warning. The tokenizer is loaded locally.
+Two strategies, picked once per engine:
 
-Concurrency: one event loop thread holds an ``httpx.AsyncClient``; ``concurrency`` worker threads each run
-one sequence's loop and wait on its requests, so at most that many completions are in flight.
+- **forced in the server** (a vLLM server started with s1kit's logits processor, ``integrations/vllm.py``):
+  one request per sample carries the whole policy in ``vllm_xargs`` and vLLM enforces it in its own decode
+  loop; the returned tokens are replayed through ``BudgetState`` for the counts (``integrations/replay.py``).
+  A start-up probe asks for a cap of 0 and checks that the server forced the closing text.
+- **stop and continue** everywhere else: the s1 loop (``engines.reference.loop_steps``) with every
+  ``complete`` call sent over HTTP: generate until a stop token or the remaining budget, then continue from
+  the whole prefix (the server's prefix cache makes that cheap).
+
+Prompts go as token ids where the server takes them (vLLM, SGLang, llama-server) and as text otherwise
+(llama-cpp-python), with a warning. The tokenizer is loaded locally. One event-loop thread holds an
+``httpx.AsyncClient`` and runs every sequence as a task, at most ``concurrency`` at a time; the engine core
+(``core.py``) starts the tasks and learns from each what it decoded (after every call of the loop, so the server
+streams them) and when it ended. An abort cancels the task and its open request.
 """
 
 from __future__ import annotations
@@ -19,18 +26,25 @@ import random
 import threading
 import warnings
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import httpx
 
+from ..budget import BudgetPolicy, Phase
 from ..errors import S1KitError
-from .base import ForcingCompiler, SamplingParams
-from .core import EngineCore, Row
-from .reference import Complete, stop_and_continue
+from ..formats import ThinkingFormat, render_prompt
+from ..integrations.replay import replay
+from ..integrations.xargs import to_xargs
+from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap
+from .core import EngineCore, Prepared, Row
+from .reference import loop_steps
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+PLUGIN = "s1kit.integrations.vllm:S1BudgetLogitsProcessor"
+# Servers that end on ``stop_token_ids`` (others get the stop tokens as strings too) and read "no top-k" as 0.
+STOP_ID_SERVERS = frozenset({"vllm", "sglang"})
 
 
 class _HTTPError(S1KitError):
@@ -41,41 +55,12 @@ class _HTTPError(S1KitError):
         self.status = status
 
 
-class _Aborted(Exception):
-    """The row was aborted (its request was cancelled, or another row of a ``generate`` call failed)."""
-
-
 class _Run:
-    """One row's requests in flight, so that aborting the row cancels them at once."""
+    """A row's task on the event loop, and whether stop-thinking was asked of it."""
 
-    def __init__(self, engine: "RemoteEngine") -> None:
-        self.engine = engine
-        self.lock = threading.Lock()
-        self.aborted = False
-        self.close_thinking = False  # stop-thinking was asked: close after the call in flight
-        self.pending: set[Future] = set()
-
-    def post(self, url: str, body: dict, completion: bool = False) -> Any:
-        """POST from a worker thread and wait for the JSON answer."""
-        with self.lock:
-            if self.aborted:
-                raise _Aborted
-            fut = self.engine._submit(self.engine._request("POST", url, body, completion=completion))
-            self.pending.add(fut)
-        try:
-            return fut.result()
-        except CancelledError:
-            raise _Aborted from None
-        finally:
-            with self.lock:
-                self.pending.discard(fut)
-
-    def cancel(self) -> None:
-        """Refuse new requests and cancel the open ones."""
-        with self.lock:
-            self.aborted = True
-            for fut in self.pending:
-                fut.cancel()
+    def __init__(self) -> None:
+        self.future: Future | None = None
+        self.close_thinking = False
 
 
 def load_tokenizer(ref: Any) -> Any:
@@ -100,7 +85,8 @@ class RemoteEngine(EngineCore):
     """Budget forcing against an OpenAI-compatible completions server at ``base_url`` (``.../v1``).
 
     ``model`` is the tokenizer source unless ``tokenizer`` is given, and the model name sent to the server
-    unless ``served_model`` is; a server that serves a single model gets that one.
+    unless ``served_model`` is; a server that serves a single model gets that one. ``plugin``: True requires
+    s1kit's vLLM processor on the server, False never uses it, None (default) uses it when a probe finds it.
     """
 
     def __init__(
@@ -116,6 +102,7 @@ class RemoteEngine(EngineCore):
         served_model: str | None = None,
         token_prompts: bool | None = None,
         max_context: int | None = None,
+        plugin: bool | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise S1KitError(f"--base-url must start with http:// or https://, got {base_url!r}")
@@ -125,13 +112,14 @@ class RemoteEngine(EngineCore):
         if not timeout > 0:
             raise S1KitError(f"timeout must be > 0 seconds, got {timeout!r}")
         super().__init__()
-        self._running: dict[Row, Future] = {}  # rows whose loop runs in a worker thread
+        self._running: set[Row] = set()  # rows whose task runs on the event loop
         self._events: SimpleQueue[tuple[Row, BaseException | None]] = SimpleQueue()
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s1kit-seq")
+        self.guessed_waits = 0  # sampled plugin sequences whose waits_used had to be guessed
         self.base_url = base_url.rstrip("/")
         self.concurrency, self.retries, self.backoff = concurrency, retries, backoff
         self.in_flight = self.peak_in_flight = self.completions_sent = 0  # for tests and benchmarks
-        self._stats_lock, self._tok_lock = threading.Lock(), threading.Lock()
+        self._tok_lock = threading.Lock()
+        self._stop_texts: dict[frozenset[int], list[str]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="s1kit-remote", daemon=True)
         self._thread.start()
@@ -139,7 +127,7 @@ class RemoteEngine(EngineCore):
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._client = self._submit(self._open_client(headers, limits, timeout)).result()
         try:
-            self.served_model, listed_context = self._discover(model, served_model)  # fails fast if unreachable
+            self.served_model, listed_context, self.server_kind = self._discover(model, served_model)
             self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
             self.compile = ForcingCompiler(self.tokenizer)
             self._special = frozenset(self.tokenizer.all_special_ids)
@@ -147,6 +135,7 @@ class RemoteEngine(EngineCore):
             self.max_context = max_context if max_context is not None else listed_context
             self.token_prompts = self._probe_token_prompts() if token_prompts is None else token_prompts
             self._tokenize_url = None if self.token_prompts else self._probe_server_tokenizer()
+            self.plugin = self._probe_plugin(required=plugin is True) if plugin is not False else False
         except BaseException:
             self.close()
             raise
@@ -164,16 +153,15 @@ class RemoteEngine(EngineCore):
         """Close the HTTP connections and stop the event loop thread."""
         if self._loop.is_closed():
             return
-        for row in list(self._running):
+        for row in list(getattr(self, "_running", ())):
             self._cancel(row)
-        self._pool.shutdown(wait=True)
         if getattr(self, "_client", None) is not None:
             self._submit(self._client.aclose()).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> "RemoteEngine":
+    def __enter__(self) -> RemoteEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -189,12 +177,14 @@ class RemoteEngine(EngineCore):
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (1 + random.random() / 2))
             try:
                 if completion:
-                    self._count(+1)
+                    self.in_flight += 1
+                    self.completions_sent += 1
+                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
                     r = await self._client.request(method, url, json=body)
                 finally:
                     if completion:
-                        self._count(-1)
+                        self.in_flight -= 1
             except httpx.TimeoutException as e:
                 problem, status = f"no answer from {url} within the timeout ({type(e).__name__})", None
                 continue
@@ -218,26 +208,23 @@ class RemoteEngine(EngineCore):
             raise _HTTPError(status, f"{problem} (gave up after {tries})")
         raise S1KitError(f"{problem} (gave up after {tries}); is the server running?")
 
-    def _count(self, delta: int) -> None:
-        with self._stats_lock:
-            self.in_flight += delta
-            if delta > 0:
-                self.completions_sent += 1
-                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
     def _sync(self, method: str, url: str, body: dict | None = None, retries: int | None = None) -> Any:
         return self._submit(self._request(method, url, body, retries)).result()
 
+    async def _complete_call(self, body: dict) -> tuple[dict, int | None]:
+        """POST one completion; (its first choice, completion tokens the server reports)."""
+        return self._choice(await self._request("POST", self.base_url + "/completions", body, completion=True))
+
     # -- what the server can do (asked once, at start) ----------------------------------------------------
 
-    def _discover(self, model: str, served_model: str | None) -> tuple[str, int | None]:
-        """The model name to send and the context length, from ``GET /models``."""
+    def _discover(self, model: str, served_model: str | None) -> tuple[str, int | None, str | None]:
+        """The model name to send, the context length and who serves it (``owned_by``), from ``GET /models``."""
         try:
             listing = self._sync("GET", self.base_url + "/models")
         except _HTTPError as e:
             if e.status not in (404, 405, 501):
                 raise S1KitError(str(e)) from None
-            return served_model or model, None  # a server without /models: trust the names given
+            return served_model or model, None, None  # a server without /models: trust the names given
         try:
             entries = {m["id"]: m for m in listing["data"]}
         except (KeyError, TypeError):
@@ -247,8 +234,10 @@ class RemoteEngine(EngineCore):
         if entries and name not in entries:
             raise S1KitError(f"the server at {self.base_url} serves {', '.join(sorted(entries))}, not {name!r}; "
                              "pass one of them as --model (and the tokenizer as --tokenizer)")
-        length = (entries.get(name) or {}).get("max_model_len")  # vLLM lists it
-        return name, length if isinstance(length, int) else None
+        entry = entries.get(name) or {}
+        length = entry.get("max_model_len")  # vLLM lists it
+        owner = entry.get("owned_by")
+        return name, length if isinstance(length, int) else None, owner if isinstance(owner, str) else None
 
     def _probe_token_prompts(self) -> bool:
         """True when the server takes token-id prompts; False (with a warning) when only text works."""
@@ -281,84 +270,99 @@ class RemoteEngine(EngineCore):
             return None
         return url if tokens == self._encode("Hello") else None
 
-    # -- one completion -----------------------------------------------------------------------------------
+    def _probe_plugin(self, required: bool) -> bool:
+        """True when the server forces budgets itself: a cap of 0 must come back as exactly the forced closing."""
+        why = self._plugin_answer() if self.token_prompts else "it does not take token-id prompts"
+        if why is None:
+            return True
+        if required:
+            raise S1KitError(f"the server at {self.base_url} does not run s1kit's vLLM processor: {why}; start it "
+                             f"with `vllm serve MODEL --logits-processors {PLUGIN}` (docs/scale-out.md)")
+        return False
 
-    def _text(self, ids: list[int]) -> str:
-        with self._tok_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def _plugin_answer(self) -> str | None:
+        """None if a probe request came back forced by the processor, else why not."""
+        eos = self.tokenizer.eos_token
+        if not eos:
+            return "the tokenizer has no EOS token to probe with"
+        fmt = ThinkingFormat("probe", think_open="", stop_tokens=(eos,), answer_open="Answer")
+        policy = BudgetPolicy(max_thinking_tokens=0, answer_prefix=" is", max_answer_tokens=1)
+        tokens = self.compile(fmt, policy)
+        closing = [t for part in tokens.cap_close_ids(tokens.prompt_ends_with_newline) for t in part]
+        body = self._forced_body(self._encode("Hello"), policy, fmt, tokens, 0, SamplingParams(), 0)
+        try:
+            choice, _ = self._submit(self._complete_call(body)).result()
+        except _HTTPError as e:
+            return f"it refused a request with vllm_xargs ({e})"
+        got = self._returned_ids(choice)
+        if got is not None and got[: len(closing)] == closing:
+            return None
+        return f"a cap of 0 came back unforced ({_snippet(repr(choice.get('text')))})"
 
-    def _encode(self, text: str) -> list[int]:
-        with self._tok_lock:  # fast tokenizers may refuse concurrent calls ("Already borrowed")
-            return self.tokenizer.encode(text, add_special_tokens=False)
+    # -- bodies -----------------------------------------------------------------------------------------
 
-    def _retokenize(self, run: _Run, text: str) -> list[int]:
-        """Token ids of generated text (text-only servers): by the server's tokenizer where it has one."""
-        if self._tokenize_url is None or not text:
-            return self._encode(text)
-        tokens = run.post(self._tokenize_url, {"input": text, "model": self.served_model}).get("tokens")
-        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)):
-            raise S1KitError(f"{self._tokenize_url} answered something unexpected: {_snippet(str(tokens))}")
-        return tokens
+    def _sampling_fields(self, sp: SamplingParams, seed: int) -> dict:
+        # The penalties are sent explicitly: vLLM otherwise applies the model's generation_config.json
+        # (Qwen2.5: repetition_penalty 1.1), which changes greedy tokens and slows every step. "No top-k" is
+        # 0 on vLLM, SGLang and llama.cpp but refused by some; the vocabulary size means the same everywhere.
+        top_k = sp.top_k or (0 if self.server_kind in STOP_ID_SERVERS or not self.token_prompts else len(self.tokenizer))
+        return {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": top_k, "seed": seed, "n": 1,
+                "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
     def _body(self, ids: list[int], max_new: int, stop: frozenset[int], sp: SamplingParams, seed: int) -> dict:
-        return {
+        body = {
             "model": self.served_model,
             "prompt": ids if self.token_prompts else self._text(ids),
             "max_tokens": max_new,
-            "temperature": sp.temperature,
-            "top_p": sp.top_p,
-            "seed": seed,
-            "n": 1,
-            "stop": sorted({t for t in map(self._text, ([i] for i in stop)) if t}),
+            **self._sampling_fields(sp, seed),
             # Extensions: vLLM/SGLang (stop ids, token ids back, special tokens kept in the text), llama.cpp
-            # (no repetition penalty or min-p: plain sampling as in the hf engine); servers ignore the ones
-            # they do not know. "No top-k" is -1, 0 or refused depending on the server; the vocabulary
-            # size means the same everywhere.
-            "top_k": sp.top_k or len(self.tokenizer),
-            "min_p": 0.0,
-            "repeat_penalty": 1.0,
+            # (no repetition penalty: plain sampling as in the hf engine, tokens back).
             "stop_token_ids": sorted(stop),
             "skip_special_tokens": False,
             "return_token_ids": True,
-            "return_tokens": True,
+        }
+        if self.server_kind not in STOP_ID_SERVERS:  # a server that may ignore stop_token_ids: stop strings too
+            body.update(stop=self._stop_strings(stop), repeat_penalty=1.0, return_tokens=True)
+        return body
+
+    def _forced_body(self, ids: list[int], policy: Any, fmt: ThinkingFormat, tokens: Any, cap: int | None,
+                     sp: SamplingParams, seed: int) -> dict:
+        """One request carrying the whole policy: ``max_tokens`` fits thinking, closing, answer and the end token."""
+        closing = len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
+        if cap is None:
+            raise S1KitError("a budget without max_thinking_tokens needs the server's context length: the server "
+                             "does not list max_model_len, pass max_context")
+        return {
+            "model": self.served_model, "prompt": ids, "max_tokens": cap + closing + policy.max_answer_tokens + 1,
+            **self._sampling_fields(sp, seed), "skip_special_tokens": False, "return_token_ids": True,
+            "vllm_xargs": to_xargs(policy, fmt),
         }
 
-    def _complete(self, run: _Run, row: Row) -> Complete:
-        """The ``complete`` function of one sequence's s1 loop, over HTTP."""
-        calls = itertools.count(1)
+    def _stop_strings(self, stop: frozenset[int]) -> list[str]:
+        texts = self._stop_texts.get(stop)
+        if texts is None:
+            texts = self._stop_texts[stop] = sorted({t for t in map(self._text, ([i] for i in stop)) if t})
+        return texts
 
-        def complete(ids: list[int], max_new: int, stop: frozenset[int]) -> list[int]:
-            out: list[int] = []
-            while True:  # a second call only when a text-only server's output re-tokenized short
-                seed = (row.seed + 7919 * next(calls)) % 2**31  # distinct per call, reproducible per sequence
-                new, stopped, exhausted = self._one_call(run, ids + out, max_new - len(out), stop,
-                                                         row.request.sampling, seed)
-                out += new
-                if stopped or len(out) >= max_new or not new or not exhausted:
-                    return out[:max_new]
+    # -- tokens ------------------------------------------------------------------------------------------
 
-        return complete
+    def _text(self, ids: list[int]) -> str:
+        with self._tok_lock:  # fast tokenizers may refuse concurrent calls ("Already borrowed")
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _one_call(self, run: _Run, ids: list[int], max_new: int, stop: frozenset[int], sp: SamplingParams,
-                  seed: int) -> tuple[list[int], bool, bool]:
-        """(new ids, ending with a stop id if the server stopped; stopped; server used all of ``max_new``)."""
-        body = self._body(ids, max_new, stop, sp, seed)
-        choice, used = self._choice(run.post(self.base_url + "/completions", body, completion=True))
-        stopped = choice["finish_reason"] == "stop"
-        out = self._returned_ids(choice)
-        if out is None:  # a text-only server
-            out = self._retokenize(run, choice["text"])
-            if used is not None and used > len(out) and stop - {self._eos}:
-                # It generated a token its text hides: a special token such as <|im_start|>, which
-                # llama-cpp-python renders as "" and cannot stop on. Find where, and read it as the stop.
-                located = self._locate_hidden_stop(run, body, used)
-                if located is not None:
-                    return located, True, True
-        if stopped and out and out[-1] in self._special and out[-1] not in stop:
-            out.pop()  # an end token of the server's own (e.g. EOS) that this format does not name
-        if stopped and (not out or out[-1] not in stop):
-            out.append(self._stop_id(choice, stop))  # the server dropped the stop token from its output
-        return out, stopped, used is None or used >= max_new
+    def _encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _retokenize(self, text: str) -> list[int]:
+        """Token ids of generated text (text-only servers): by the server's tokenizer where it has one."""
+        if self._tokenize_url is None or not text:
+            return self._encode(text)
+        tokens = (await self._request("POST", self._tokenize_url, {"input": text, "model": self.served_model})
+                  ).get("tokens")
+        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)):
+            raise S1KitError(f"{self._tokenize_url} answered something unexpected: {_snippet(str(tokens))}")
+        return tokens
 
     def _choice(self, data: Any) -> tuple[dict, int | None]:
         try:
@@ -379,34 +383,6 @@ class RemoteEngine(EngineCore):
                 return list(ids)
         return None
 
-    def _locate_hidden_stop(self, run: _Run, body: dict, used: int) -> list[int] | None:
-        """The ids before the first hidden token plus a stop id, or None if no token is hidden after all.
-
-        Bisects on ``max_tokens`` with the same prompt and seed, so the server regenerates the same tokens
-        (greedy, or seeded sampling): the first hidden token is where the server's count first exceeds the
-        re-tokenized count while the text stays the same."""
-
-        def probe(k: int) -> tuple[str, bool]:
-            choice, n = self._choice(run.post(self.base_url + "/completions", {**body, "max_tokens": k},
-                                              completion=True))
-            return choice["text"], n is not None and n > len(self._retokenize(run, choice["text"]))
-
-        lo, hi, text = 1, used, None
-        while lo < hi:  # the smallest k whose first k tokens hold a hidden one
-            mid = (lo + hi) // 2
-            t, hidden = probe(mid)
-            if hidden:
-                hi, text = mid, t
-            else:
-                lo = mid + 1
-        if text is None:
-            text, hidden = probe(lo)
-            if not hidden:
-                return None
-        if lo > 1 and probe(lo - 1)[0] != text:  # the k-th token shows text: not a hidden token
-            return None
-        return self._retokenize(run, text) + [min(set(body["stop_token_ids"]) - {self._eos})]
-
     def _stop_id(self, choice: dict, stop: frozenset[int]) -> int:
         reason = choice.get("stop_reason", choice.get("matched_stop"))  # vLLM, SGLang
         if isinstance(reason, int) and reason in stop:
@@ -417,26 +393,176 @@ class RemoteEngine(EngineCore):
                     return i
         return self._eos if self._eos in stop else min(stop)
 
-    # -- the engine core's hooks: one worker thread per row in flight, at most ``concurrency`` ---------------
+    # -- a sequence forced by the server's processor ----------------------------------------------------
+
+    async def _forced_sequence(self, row: Row, run: _Run) -> tuple[Any, bool]:
+        """One request, then its tokens replayed through ``BudgetState`` (greedy ambiguities asked of the server).
+
+        Returns the finished state and whether a Wait had to be guessed (sampling: the tokens cannot tell). The
+        server decides the whole sequence: a stop-thinking request cannot reach it."""
+        req, job = row.request, row.prepared
+        body = self._forced_body(job.prompt_ids, req.policy, req.format, job.tokens, job.cap, req.sampling, row.seed)
+        choice, _ = await self._complete_call(body)
+        ids = self._returned_ids(choice)
+        if ids is None:
+            raise S1KitError(f"{self.base_url} returned no token ids (return_token_ids): it is not a vLLM server")
+        choices: dict[int, bool] = {}
+        while True:
+            done = replay(ids, req.policy, job.tokens, job.cap, choices)
+            if not done.guessed or not req.sampling.greedy:
+                break
+            for i in done.guessed:  # did the model propose a stop here? Its greedy argmax tells
+                choices[i] = await self._greedy_is_stop(job, ids[:i])
+        state = done.state
+        if not state.done and choice["finish_reason"] == "stop" and state.phase is Phase.ANSWER and ids:
+            # The server ended on an end token of its own (e.g. a second EOS in generation_config.json) that this
+            # format does not name: read it as the format's end, as the stop-and-continue loop does.
+            done = replay(ids[:-1] + [self._stop_id(choice, job.tokens.end_ids)], req.policy, job.tokens, job.cap,
+                          choices)
+            state = done.state
+        if not state.done:
+            raise S1KitError(f"the server ended a forced sequence early ({choice['finish_reason']}) after {len(ids)} "
+                             "tokens; is max_model_len smaller than it reports?")
+        if len(done.trailing) > 1:
+            raise S1KitError(f"the server went on {len(done.trailing)} tokens after the budget's end")
+        return state, bool(done.guessed)
+
+    async def _greedy_is_stop(self, job: Prepared, output: list[int]) -> bool:
+        """Whether the model's own greedy token after ``output`` is a stop (one unforced token, no xargs)."""
+        body = {"model": self.served_model, "prompt": job.prompt_ids + output, "max_tokens": 1,
+                **self._sampling_fields(SamplingParams(), 0), "skip_special_tokens": False, "return_token_ids": True}
+        choice, _ = await self._complete_call(body)
+        ids = self._returned_ids(choice) or []
+        return (bool(ids) and ids[0] in job.tokens.stop_ids) or (not ids and choice["finish_reason"] == "stop")
+
+    # -- the stop-and-continue loop ---------------------------------------------------------------------
+
+    async def _loop_sequence(self, row: Row, run: _Run) -> tuple[Any, bool]:
+        """The s1 loop for one sequence, each ``complete`` call awaited over HTTP (nothing is ever guessed); the
+        row's trace grows after each call and the stepping thread hears of it (streaming)."""
+        job = row.prepared
+        steps = loop_steps(job.prompt_ids, row.request.policy, job.tokens, job.cap, trace=row.trace,
+                           close_thinking=lambda: run.close_thinking)
+        calls = itertools.count(1)
+        call = next(steps)
+        while True:
+            new = await self._complete(row, *call, calls)
+            try:
+                call = steps.send(new)
+            except StopIteration as done:
+                return done.value, False
+            self._events.put((row, None))
+
+    async def _complete(self, row: Row, ids: list[int], max_new: int, stop: frozenset[int], calls: Any) -> list[int]:
+        out: list[int] = []
+        while True:  # a second call only when a text-only server's output re-tokenized short
+            seed = (row.seed + 7919 * next(calls)) % 2**31  # distinct per call, reproducible per sequence
+            new, stopped, exhausted = await self._one_call(ids + out, max_new - len(out), stop, row.request.sampling,
+                                                           seed)
+            out += new
+            if stopped or len(out) >= max_new or not new or not exhausted:
+                return out[:max_new]
+
+    async def _one_call(self, ids: list[int], max_new: int, stop: frozenset[int], sp: SamplingParams,
+                        seed: int) -> tuple[list[int], bool, bool]:
+        """(new ids, ending with a stop id if the server stopped; stopped; server used all of ``max_new``)."""
+        body = self._body(ids, max_new, stop, sp, seed)
+        choice, used = await self._complete_call(body)
+        stopped = choice["finish_reason"] == "stop"
+        out = self._returned_ids(choice)
+        if out is None:  # a text-only server
+            out = await self._retokenize(choice["text"])
+            if used is not None and used > len(out) and stop - {self._eos}:
+                # It generated a token its text hides: a special token such as <|im_start|>, which
+                # llama-cpp-python renders as "" and cannot stop on. Find where, and read it as the stop.
+                located = await self._locate_hidden_stop(body, used)
+                if located is not None:
+                    return located, True, True
+        if stopped and out and out[-1] in self._special and out[-1] not in stop:
+            out.pop()  # an end token of the server's own (e.g. EOS) that this format does not name
+        if stopped and (not out or out[-1] not in stop):
+            out.append(self._stop_id(choice, stop))  # the server dropped the stop token from its output
+        return out, stopped, used is None or used >= max_new
+
+    async def _locate_hidden_stop(self, body: dict, used: int) -> list[int] | None:
+        """The ids before the first hidden token plus a stop id, or None if no token is hidden after all.
+
+        Bisects on ``max_tokens`` with the same prompt and seed, so the server regenerates the same tokens
+        (greedy, or seeded sampling): the first hidden token is where the server's count first exceeds the
+        re-tokenized count while the text stays the same."""
+
+        async def probe(k: int) -> tuple[str, bool]:
+            choice, n = await self._complete_call({**body, "max_tokens": k})
+            return choice["text"], n is not None and n > len(await self._retokenize(choice["text"]))
+
+        lo, hi, text = 1, used, None
+        while lo < hi:  # the smallest k whose first k tokens hold a hidden one
+            mid = (lo + hi) // 2
+            t, hidden = await probe(mid)
+            if hidden:
+                hi, text = mid, t
+            else:
+                lo = mid + 1
+        if text is None:
+            text, hidden = await probe(lo)
+            if not hidden:
+                return None
+        if lo > 1 and (await probe(lo - 1))[0] != text:  # the k-th token shows text: not a hidden token
+            return None
+        return await self._retokenize(text) + [min(set(body["stop_token_ids"]) - {self._eos})]
+
+    # -- the engine core's hooks ------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a rendered prompt (the local tokenizer, which the server shares)."""
         return self._encode(text)
 
+    def prepare(self, request: Request) -> Prepared:
+        """Prompt ids, compiled forcing tokens and effective cap of a request (validates the format)."""
+        text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
+        ids = self._encode(text)
+        tokens = self.compile(request.format, request.policy)
+        if self.plugin:
+            forced = {*tokens.opener_ids, *tokens.newline_ids, *tokens.prefix_ids, *(t for w in tokens.wait_ids for t in w)}
+            if forced & tokens.end_ids:
+                raise S1KitError(f"a forced text holds an end token ({self._text(sorted(forced & tokens.end_ids))!r}), "
+                                 "which would end the request inside vLLM; use the stop-and-continue loop (plugin=False)")
+            if request.policy.early_exit is not None or request.policy.cap_grace:
+                raise S1KitError("early exit and a graceful cap are not in s1kit's vLLM processor: use the "
+                                 "stop-and-continue loop (plugin=False) or an in-process engine")
+        # forced in the server, the sequence also holds the end token forced after an answer budget
+        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + bool(self.plugin), self.max_context))
+
+    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
+                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Completions for ``requests`` (see ``EngineCore.generate``); warns once if sampled sequences on the vLLM
+        processor hold a wait string the model may have written itself where a Wait was due."""
+        guessed = self.guessed_waits
+        out = super().generate(requests, on_progress, on_complete)
+        if self.guessed_waits > guessed:
+            warnings.warn(f"{self.guessed_waits - guessed} sampled sequence(s) hold a wait string the model may have "
+                          "written itself where a Wait was due: their waits_used counts it as forced (the tokens "
+                          "cannot tell)", RuntimeWarning, stacklevel=2)
+        return out
+
     def _advance(self, queue: deque[Row]) -> list[Row]:
-        """Start queued rows while fewer than ``concurrency`` run; wait for at least one to make progress."""
+        """Start queued rows while fewer than ``concurrency`` run; take what the running ones reported."""
         while queue and len(self._running) < self.concurrency:
             row = queue.popleft()
-            row.slot = run = _Run(self)
-            self._running[row] = self._pool.submit(self._run_row, row, run)
+            row.slot = run = _Run()
+            self._running.add(row)
+            run.future = self._submit(self._sequence(row, run))
         if not self._running:
             return []
         try:  # a short wait, so that whoever steps (a server's worker) also gets to take new requests
             events = [self._events.get(timeout=0.05)]
         except Empty:
             return []
-        while not self._events.empty():
-            events.append(self._events.get())
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except Empty:
+                break
         updated = []
         for row, error in events:
             if row not in self._running:
@@ -445,29 +571,33 @@ class RemoteEngine(EngineCore):
                 row.handle.error = row.handle.error or error
                 row.trace.finish_reason = "error"
             if row.trace.finish_reason is not None:
-                del self._running[row]
+                self._running.discard(row)
             updated.append(row)
         return updated
 
     def _cancel(self, row: Row) -> None:
-        row.slot.cancel()
-        self._running.pop(row, None)
+        self._running.discard(row)
+        if row.slot is not None and row.slot.future is not None:
+            row.slot.future.cancel()  # cancels the task, and with it the request in flight
 
     def _stop_thinking(self, row: Row) -> None:
-        row.slot.close_thinking = True
+        row.slot.close_thinking = True  # the loop closes after the call in flight
 
-    def _run_row(self, row: Row, run: _Run) -> None:
-        """A worker thread: the s1 loop of one row, reporting after each completion call."""
-        p = row.prepared
+    async def _sequence(self, row: Row, run: _Run) -> None:
+        """A row's task: its sequence, then the news that it ended (or failed) for the stepping thread."""
         try:
-            stop_and_continue(p.prompt_ids, row.request.policy, p.tokens, self._complete(run, row), p.cap,
-                              trace=row.trace, on_call=lambda: self._events.put((row, None)),
-                              close_thinking=lambda: run.close_thinking)
-            self._events.put((row, None))
-        except _Aborted:
-            pass
+            if self.plugin:
+                state, guessed = await self._forced_sequence(row, run)
+                row.trace = state
+                self.guessed_waits += guessed
+            else:
+                await self._loop_sequence(row, run)
+        except asyncio.CancelledError:
+            raise
         except BaseException as e:  # noqa: BLE001 - reported to the stepping thread, which fails the request
             self._events.put((row, e))
+            return
+        self._events.put((row, None))
 
 
 def _snippet(text: str, limit: int = 200) -> str:
