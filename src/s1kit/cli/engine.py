@@ -24,6 +24,7 @@ class EngineChoice:
     device: str | None = None
     dtype: str | None = None
     batch_size: int = 16
+    plugin: bool | None = None  # remote: s1kit's vLLM processor required (True), never used (False), or probed
 
     def check(self) -> None:
         """Fail now on options that do not go together, or a model or precision that cannot load (nothing is
@@ -64,7 +65,7 @@ class EngineChoice:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine = make_engine(self.model, "remote", self.base_url, concurrency=self.concurrency,
-                                 api_key=self.api_key, **{**extra, **overrides})
+                                 api_key=self.api_key, plugin=self.plugin, **{**extra, **overrides})
         for w in caught:
             typer.echo(f"warning: {w.message}", err=True)
         return engine

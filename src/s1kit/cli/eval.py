@@ -63,6 +63,7 @@ def eval_(
     tokenizer: opt.RemoteTokenizer = None,
     concurrency: opt.Concurrency = 8,
     api_key: opt.ApiKey = None,
+    vllm_plugin: opt.VllmPlugin = "auto",
 ) -> None:
     """Sweep thinking budgets over a benchmark: grade, then write summary.json, scaling.png and report.md.
 
@@ -82,7 +83,8 @@ def eval_(
     fmt = get_format(format)
     whole = load_benchmark(benchmark, None, question_field, answer_field, seed)
     bench = whole.first(limit)
-    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size)
+    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
+                          opt.plugin_choice(vllm_plugin))
     engine.check_options()
     asked = RunRecord.create(model, benchmark, whole.items, settings, limit, samples=samples, engine=engine_kind,
                              dtype=engine.precision(), question_field=question_field, answer_field=answer_field,

@@ -51,6 +51,7 @@ def generate(
     tokenizer: opt.RemoteTokenizer = None,
     concurrency: opt.Concurrency = 8,
     api_key: opt.ApiKey = None,
+    vllm_plugin: opt.VllmPlugin = "auto",
 ) -> None:
     """Generate with budget forcing: cap thinking, force a minimum, or extend it with "Wait"."""
     policy = BudgetPolicy(max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
@@ -65,7 +66,8 @@ def generate(
     requests = [Request(p, policy, fmt, sampling, system) for p in items]
     for r in requests:
         as_messages(r.prompt, r.system)  # fail on empty prompts before loading a model
-    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size).open()
+    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
+                          opt.plugin_choice(vllm_plugin)).open()
     for r in requests:
         engine.prepare(r)  # validates prompt and format before any decoding
     with progress_bar(len(requests) * n, "generating") as advance:

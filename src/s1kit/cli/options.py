@@ -53,6 +53,9 @@ RemoteTokenizer = Annotated[Optional[str], typer.Option(
     help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]")]
 Concurrency = Annotated[int, typer.Option(help="Requests in flight with --engine remote.")]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="S1KIT_API_KEY", help="Bearer token for --engine remote.")]
+VllmPlugin = Annotated[str, typer.Option(
+    help="--engine remote on vLLM: on (require s1kit's logits processor: one request per sample), off (the "
+         "stop-and-continue loop), auto (the processor when a probe finds it). See docs/scale-out.md.")]
 
 # Budget forcing, one policy (generate) ...
 MaxThinking = Annotated[Optional[int], typer.Option(help="Cap on thinking tokens. [default: no cap]")]
@@ -83,6 +86,14 @@ EarlyExitGrid = Annotated[Optional[List[str]], typer.Option(
     "--early-exit", help="An early-exit setting, repeatable (the early-exit method): key=value pairs as in "
                          "s1kit generate --early-exit, e.g. every=64,agree=2; capped at the largest --max-thinking.")]
 CapGrace = Annotated[int, typer.Option(help="At the cap, think on up to N tokens to end the sentence or line first.")]
+
+
+def plugin_choice(value: str) -> bool | None:
+    """``--vllm-plugin`` as the remote engine's ``plugin`` argument."""
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        raise typer.BadParameter(f"--vllm-plugin must be auto, on or off, got {value!r}")
+    return choices[value]
 
 
 def wait_strings(given: list[str] | None) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ def serve(
     format: opt.Format = "s1",
     device: opt.Device = None,
     dtype: opt.Dtype = None,
+    vllm_plugin: opt.VllmPlugin = "auto",
 ) -> None:
     """Serve an OpenAI-compatible API (chat and text completions) with per-request thinking budgets."""
     import socket
@@ -61,7 +62,7 @@ def serve(
     except OSError as e:
         raise S1KitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     choice = EngineChoice(model, engine_kind, base_url, tokenizer, api_key=upstream_api_key, device=device,
-                          dtype=dtype, batch_size=max_batch_size)
+                          dtype=dtype, batch_size=max_batch_size, plugin=opt.plugin_choice(vllm_plugin))
     if engine_kind != "hf" and max_model_len is not None:
         raise S1KitError("--max-model-len is only used with --engine hf (a remote server has its own)")
     engine = choice.open(**({"max_model_len": max_model_len} if engine_kind == "hf" else {}))
