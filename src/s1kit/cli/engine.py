@@ -38,6 +38,8 @@ class EngineChoice:
         from ..models import torch_dtype
 
         check_engine(self.kind, self.base_url, **({} if self.tokenizer is None else {"tokenizer": self.tokenizer}))
+        if self.kind == "hf" and self.plugin is not None:
+            raise ValueError("--vllm-plugin is only used with --engine remote")
         if self.kind == "hf" and self.dtype is not None:
             torch_dtype(self.dtype)
 
