@@ -60,6 +60,7 @@ class EngineChoice:
         """Load or connect; a remote server's warnings (e.g. text-only prompts) become ``warning:`` lines."""
         from ..api import make_engine
 
+        self.check_options()
         extra = {} if self.tokenizer is None else {"tokenizer": self.tokenizer}  # refused by an in-process engine
         if self.kind != "remote":
             options = {"device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, **overrides}
