@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Sequence
@@ -167,7 +168,7 @@ class _Workspace:
         self.dec = dec
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # sample -> captured step
         # Compiled, the budget machine's ~100 small element-wise ops become a few fused kernels.
-        self._force_fn = torch.compile(self._force, dynamic=False) if dec.compile else self._force
+        self._force_compiled = torch.compile(self._force, dynamic=False) if dec.compile else None
 
     def _propose(self, sample: bool) -> torch.Tensor:
         greedy = self.logits.argmax(-1)
@@ -200,9 +201,22 @@ class _Workspace:
         self.mask[rows, 0, 0, col] = torch.where(kind != NONE, 0.0, self.neg).to(self.mask.dtype)
         return emitted, kind
 
+    def _forced(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_force``, compiled where torch.compile manages it. Inductor failed on the sampling variant at 64 slots
+        x 4,096 columns on the H200 (torch 2.11, a codegen TypeError); the eager machine is the same computation,
+        so such a failure costs speed, not the run (it happens in warm-up, before any graph is captured)."""
+        if self._force_compiled is not None:
+            try:
+                return self._force_compiled(sample)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager step
+                warnings.warn(f"torch.compile of the budget step failed ({type(e).__name__}: {str(e)[:120]}); "
+                              "running it eagerly", RuntimeWarning, stacklevel=2)
+                self._force_compiled = None
+        return self._force(sample)
+
     def step(self, sample: bool) -> None:
         """One decode step for every slot: propose, force, record, feed the model. No host sync."""
-        emitted, kind = self._force_fn(sample)
+        emitted, kind = self._forced(sample)
         extra = {"s1kit_last": self.kv.col} if self.dec.split_attention else {}
         out = self.dec.forward(input_ids=emitted.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask=self.mask, past_key_values=self.kv, use_cache=True, **extra)
