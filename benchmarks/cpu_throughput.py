@@ -12,7 +12,8 @@ The slice: qwen2.5-coder-0.5b, the first B GSM8K test questions (B = 8 and 16), 
 
     .venv/bin/python benchmarks/cpu_throughput.py --json benchmarks/results/cpu_throughput.json
 
-Rows: path, dtype, batch, tokens, seconds (generation only), load_s (model load), tok_s, tok_s_with_load.
+Rows: path, dtype, batch, tokens, seconds (generation only), load_s (model load), tok_s, tok_s_with_load; in-process
+paths run ``--repeats`` times (the median run is kept, ``runs_tok_s`` lists all), the llama.cpp server once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def _run(argv: list[str], pythonpath: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, with every run's tokens/s beside it."""
+    ranked = sorted(runs, key=lambda r: r["tok_s"])
+    return {**ranked[len(ranked) // 2], "runs_tok_s": [round(r["tok_s"], 1) for r in runs]}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +101,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--batches", default="8,16")
     p.add_argument("--paths", default="hf-plain,hf-loop,hf-fast,llamacpp-server")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each in-process path (the median is kept): "
+                                                          "this CPU's speed varies by a third from run to run")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.child:
@@ -108,10 +117,11 @@ def main() -> None:
             for path in args.paths.split(","):
                 base = [f"--path={path}", f"--batch={b}", f"--model={args.model}", f"--threads={args.threads}"]
                 if path == "hf-plain":
-                    rows.append(_run(base + ["--dtype=float32"], os.path.join(old, "src")))
+                    rows.append(_median([_run(base + ["--dtype=float32"], os.path.join(old, "src"))
+                                         for _ in range(args.repeats)]))
                 elif path in ("hf-loop", "hf-fast"):
                     for dt in ("float32", "bfloat16"):
-                        rows.append(_run(base + [f"--dtype={dt}"], src))
+                        rows.append(_median([_run(base + [f"--dtype={dt}"], src) for _ in range(args.repeats)]))
                 elif path == "llamacpp-server":
                     try:
                         import llama_cpp  # noqa: F401
@@ -143,11 +153,12 @@ def main() -> None:
         if server is not None:
             server.kill()
     print(f"\n{args.model}, GSM8K, thinking cap 128, answer 32, greedy, {args.threads} threads\n")
-    print("| path | dtype | batch | tokens | seconds | tok/s | tok/s with load |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | dtype | batch | tokens | seconds | tok/s (median) | runs | tok/s with load |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        runs = ", ".join(str(x) for x in r.get("runs_tok_s", [round(r["tok_s"], 1)]))
         print(f"| {r['path']} | {r['dtype']} | {r['batch']} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | "
-              f"{r['tok_s_with_load']:.1f} |")
+              f"{runs} | {r['tok_s_with_load']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
