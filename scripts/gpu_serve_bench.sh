@@ -9,7 +9,7 @@
 # - The model: the real Qwen2.5-Coder-0.5B-Instruct when its GGUF chunks were staged in /root/stage (stage-chunks),
 #   converted once by s1kit; otherwise its real config and tokenizer (.carry/coder05) with random bf16 weights.
 # - .carry/whl holds what the image lacks for s1kit (fastapi, uvicorn, pydantic, math-verify, gguf).
-# - vllm: two servers at once (with and without s1kit's processor, 0.4 of the GPU each, as remote_vllm.py asks);
+# - vllm: two servers (without and with s1kit's processor, 0.4 of the GPU each, started one after the other);
 #   the serving load (256 chat requests, 64 at a time: vLLM 320 tokens with ignore_eos) against the plain one,
 #   then remote_vllm.py (exactness, equality with the loop, streaming, throughput) against both.
 # - s1kit: s1kit serve (fast path, 64 slots) with the same model and the same load (exactly 256 thinking tokens
@@ -62,14 +62,17 @@ for part in ${PARTS:-vllm}; do
   echo "=== $part $(date +%T)"
   case $part in
     vllm)
+      # One after the other: started together, the second server's memory profile (H200, 2026-12-02) saw the
+      # first one's allocations and found no room for its KV cache ("No available memory for the cache blocks").
       S="python3 -m vllm.entrypoints.openai.api_server --model $MODEL --served-model-name m --max-model-len 4096 \
          --generation-config vllm --gpu-memory-utilization 0.4"
+      VLLM_CACHE_ROOT=/root/vc2 $S --port 8001 > "$OUT/vllm_plain.log" 2>&1 &
+      p2=$!
+      wait_up http://127.0.0.1:8001/v1/models $p2 420
       VLLM_CACHE_ROOT=/root/vc1 $S --port 8000 --logits-processors s1kit.integrations.vllm:S1BudgetLogitsProcessor \
         > "$OUT/vllm_plugin.log" 2>&1 &
       p1=$!
-      VLLM_CACHE_ROOT=/root/vc2 $S --port 8001 > "$OUT/vllm_plain.log" 2>&1 &
-      p2=$!
-      if wait_up http://127.0.0.1:8001/v1/models $p2 420 && wait_up http://127.0.0.1:8000/v1/models $p1 120; then
+      if kill -0 $p2 2>/dev/null && wait_up http://127.0.0.1:8000/v1/models $p1 420; then
         echo "=== vllm up $(date +%T)"
         timeout 240 python3 benchmarks/serve_load.py --url http://127.0.0.1:8001/v1 --label vllm --body plain \
           --device "$DEV" $LOAD
