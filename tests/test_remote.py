@@ -308,3 +308,13 @@ def test_s1kit_server_in_front_of_a_remote_engine(remote):
     finally:
         srv.should_exit = True
         thread.join(60)
+
+
+def test_policies_the_remote_engine_lacks_are_refused_not_ignored(remote):
+    from s1kit import S1KitError
+    from s1kit.budget import EarlyExit
+
+    for policy in (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(every=8)),
+                   BudgetPolicy(max_thinking_tokens=32, cap_grace=4)):
+        with pytest.raises(S1KitError, match="in-process engine"):
+            remote.generate([Request("What is 2+2?", policy)])

@@ -522,14 +522,14 @@ class RemoteEngine(EngineCore):
         text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
         ids = self._encode(text)
         tokens = self.compile(request.format, request.policy)
+        if request.policy.early_exit is not None or request.policy.cap_grace:  # refused, never silently ignored
+            raise S1KitError("early exit and a graceful cap run in the in-process engine (--engine hf); the remote "
+                             "engine does not have them yet")
         if self.plugin:
             forced = {*tokens.opener_ids, *tokens.newline_ids, *tokens.prefix_ids, *(t for w in tokens.wait_ids for t in w)}
             if forced & tokens.end_ids:
                 raise S1KitError(f"a forced text holds an end token ({self._text(sorted(forced & tokens.end_ids))!r}), "
                                  "which would end the request inside vLLM; use the stop-and-continue loop (plugin=False)")
-            if request.policy.early_exit is not None or request.policy.cap_grace:
-                raise S1KitError("early exit and a graceful cap are not in s1kit's vLLM processor: use the "
-                                 "stop-and-continue loop (plugin=False) or an in-process engine")
         # forced in the server, the sequence also holds the end token forced after an answer budget
         return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + bool(self.plugin), self.max_context))
 
