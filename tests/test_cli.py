@@ -100,3 +100,34 @@ def test_defaults_come_from_the_library():
         assert defaults["max_answer"] == policy.max_answer_tokens == DEFAULT_MAX_ANSWER_TOKENS
         assert defaults["answer_prefix"] == policy.answer_prefix
     assert {p.name: p.default for p in commands["generate"].params}["min_thinking"] == policy.min_thinking_tokens
+
+
+# The extras `make demo` does not install (train, curate, serve): their packages must not be needed before use.
+EXTRAS_ONLY = ("pyarrow", "datasets", "trl", "peft", "fastapi", "uvicorn", "pytest")
+BLOCK_EXTRAS = f"""
+import sys
+sys.modules.update(dict.fromkeys({EXTRAS_ONLY!r}))  # None: imports fail, find_spec says not installed
+from s1kit.cli import main
+sys.argv[0] = "s1kit"
+main()
+"""
+
+
+def test_eval_runs_with_only_the_core_dependencies(engine, tmp_path):
+    """`make demo` installs s1kit without extras: the CLI and a budget sweep must not import what extras bring."""
+    run = [sys.executable, "-c", BLOCK_EXTRAS]
+    r = subprocess.run([*run, "eval", "--benchmark", "gsm8k", "--limit", "2", "--max-thinking", "8,16",
+                        "--max-answer", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["control"] == 1.0
+    r = subprocess.run([*run, "serve", "--help"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0 and "--max-batch-size" in r.stdout, r.stderr
+    # and using a command whose extra is missing says which extra to install, in one line
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"question": "1+1?", "solution": "2", "thinking": "1+1=2"}) + "\n")
+    for args, extra in ((["serve"], "serve"), (["curate", "--pool", str(pool), "--out", str(tmp_path / "c")], "curate"),
+                        (["train", "--model", "smollm2-135m", "--data", str(pool), "--out", str(tmp_path / "t")],
+                         "train")):
+        r = subprocess.run([*run, *args], capture_output=True, text=True, env=ENV, timeout=600)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and f"s1kit[{extra}]" in r.stderr, r.stderr

@@ -58,3 +58,14 @@ def main() -> None:
         typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Refuse a command whose optional extra is not installed, naming the pip line that installs it."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise S1KitError(f"s1kit {extra} needs the {extra} extra ({e}): pip install 's1kit[{extra}]'") from None

@@ -6,13 +6,10 @@ from typing import List, Optional
 import typer
 
 from ..budget import BudgetPolicy
-from ..curate.decontaminate import MIN_OVERLAP
-from ..curate.difficulty import DEFAULT_TOKENIZER, REFERENCE_POLICY
-from ..curate.distill import TEACHER_POLICY
-from ..curate.pipeline import DEFAULT_EVAL_SETS
+from ..curate.defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
 from ..formats import get_format
 from . import options as opt
-from .app import command
+from .app import command, require_extra
 from .console import progress_bar
 from .engine import EngineChoice
 
@@ -59,6 +56,7 @@ def curate(
 
     Writes OUT (s1K schema), curation_report.md/.json, domains.png and trace_lengths.png. Model stages
     cache every result in the work directory, so a killed run resumes and a rerun loads no model."""
+    require_extra("curate", "pyarrow", "datasets")
     from ..curate import NamedEngine
     from ..curate import curate as run_curation
 

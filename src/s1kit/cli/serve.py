@@ -8,7 +8,7 @@ import typer
 from ..errors import S1KitError
 from ..formats import get_format
 from . import options as opt
-from .app import command
+from .app import command, require_extra
 from .engine import EngineChoice
 
 
@@ -51,11 +51,8 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise S1KitError("--api-key must not be empty")
     fmt = get_format(format)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise S1KitError(f"s1kit serve needs the serve extra ({e}): pip install 's1kit[serve]'") from None
+    require_extra("serve", "fastapi", "uvicorn")
+    import uvicorn
     try:  # fail now, not after loading the model
         with socket.create_server((host, port)):
             pass

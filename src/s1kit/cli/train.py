@@ -8,7 +8,7 @@ import typer
 
 from ..formats import get_format
 from ..train.recipe import Recipe
-from .app import command
+from .app import command, require_extra
 
 RECIPE = Recipe()
 
@@ -65,6 +65,7 @@ def train(
         else:
             launch.run_launch(command_line)
         return
+    require_extra("train", "trl", "peft", "datasets")
 
     def on_data(s: dict) -> None:
         typer.echo(f"data: {s['rows']} rows, {s['tokens']:,} tokens (longest {s['max_length']:,}); "

@@ -17,11 +17,10 @@ from typing import Mapping, Sequence
 import pyarrow as pa
 
 from ..errors import S1KitError
+from .defaults import MIN_OVERLAP, NGRAM
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows
 
-NGRAM = 8
-MIN_OVERLAP = 0.5  # share of an evaluation question's n-grams a pool question must repeat
 _WORD = re.compile(r"[a-z0-9]+")
 
 

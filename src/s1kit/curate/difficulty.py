@@ -17,12 +17,11 @@ from ..budget import BudgetPolicy
 from ..data.grading import Grader, extract_answer
 from ..engines.base import Request, SamplingParams
 from ..formats import ThinkingFormat
+from .defaults import DEFAULT_TOKENIZER, REFERENCE_POLICY
 from .generation import NamedEngine, Progress, cache_for, no_progress, run_cached
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows, set_column
 
-REFERENCE_POLICY = BudgetPolicy(max_thinking_tokens=1024, max_answer_tokens=256)
-DEFAULT_TOKENIZER = "smollm2-135m"
 
 
 def load_tokenizer(ref: str) -> Any:

@@ -10,11 +10,11 @@ import pyarrow as pa
 from ..budget import BudgetPolicy
 from ..engines.base import Request, SamplingParams
 from ..formats import ThinkingFormat
+from .defaults import TEACHER_POLICY
 from .generation import NamedEngine, Progress, cache_for, no_progress, run_cached
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows, set_column
 
-TEACHER_POLICY = BudgetPolicy(max_thinking_tokens=4096, max_answer_tokens=1024)
 
 
 def distill(

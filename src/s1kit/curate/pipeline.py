@@ -14,9 +14,10 @@ from ..budget import BudgetPolicy
 from ..engines.base import Engine
 from ..errors import require_int
 from ..formats import ThinkingFormat
-from .decontaminate import MIN_OVERLAP, decontaminate, load_eval_sets
-from .difficulty import DEFAULT_TOKENIZER, REFERENCE_POLICY, difficulty
-from .distill import TEACHER_POLICY, distill, require_traces
+from .decontaminate import decontaminate, load_eval_sets
+from .defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
+from .difficulty import difficulty
+from .distill import distill, require_traces
 from .domains import DomainClassifier, classify_domains, parse_classifier
 from .generation import NamedEngine, Progress, no_progress
 from .pool import load_pool, write_s1k
@@ -25,7 +26,6 @@ from .report import write_report
 from .select import S1_DIRECT_PICKS, DirectPick, select, select_random
 from .stage import StageReport
 
-DEFAULT_EVAL_SETS = ("math500", "gsm8k")
 SELECTIONS = ("s1", "random")
 
 

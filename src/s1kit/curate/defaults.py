@@ -1,0 +1,10 @@
+"""Curation defaults, apart from the stages so the CLI can show them without the curate extra (pyarrow, datasets)."""
+
+from ..budget import BudgetPolicy
+
+NGRAM = 8
+MIN_OVERLAP = 0.5  # share of an evaluation question's n-grams a pool question must repeat
+DEFAULT_EVAL_SETS = ("math500", "gsm8k")
+DEFAULT_TOKENIZER = "smollm2-135m"  # measures trace lengths
+REFERENCE_POLICY = BudgetPolicy(max_thinking_tokens=1024, max_answer_tokens=256)  # the model that grades difficulty
+TEACHER_POLICY = BudgetPolicy(max_thinking_tokens=4096, max_answer_tokens=1024)  # the model that distills traces
