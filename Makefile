@@ -44,7 +44,7 @@ test: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 48 \
-		--max-thinking 64,128,256 --max-answer 48 --batch-size 32 --out runs/demo
+		--max-thinking 64,128,256 --max-answer 96 --batch-size 32 --out runs/demo
 
 # Mini-s1 end to end on one GPU (results/mini-s1): teacher Qwen2.5-Coder-1.5B, student 0.5B, offline from PyPI.
 # Resumable: rerun after an interruption. Pass hub ids instead with MINI_S1_ARGS="--teacher ORG/NAME ...".
