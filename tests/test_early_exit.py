@@ -64,6 +64,39 @@ def test_graceful_cap_ends_the_sentence_within_its_window(core):
     assert c.thinking_tokens == 50 or c.thinking.rstrip(" \"')").endswith((".", "!", "?")) or c.thinking.endswith("\n")
 
 
+LOOP_RULES = [
+    BudgetPolicy(max_thinking_tokens=60, max_answer_tokens=6, answer_prefix=FORCED,
+                 early_exit=EarlyExit(every=5, agree=2, probe_tokens=4)),
+    BudgetPolicy(max_thinking_tokens=60, min_thinking_tokens=12, max_answer_tokens=6, answer_prefix=FORCED,
+                 early_exit=EarlyExit(every=5, agree=2, probe_tokens=4)),
+    BudgetPolicy(max_thinking_tokens=60, max_answer_tokens=4, answer_prefix=FORCED,
+                 early_exit=EarlyExit(words=("the",), agree=1)),
+    BudgetPolicy(max_thinking_tokens=40, max_answer_tokens=6,
+                 early_exit=EarlyExit(every=6, words=("the",), agree=1000)),  # probes, never exits
+    BudgetPolicy(max_thinking_tokens=48, num_waits=2, max_answer_tokens=6,
+                 early_exit=EarlyExit(every=9, probe_tokens=6)),  # Waits and probes in one sequence
+]
+
+
+@pytest.mark.parametrize("policy", LOOP_RULES)
+@pytest.mark.parametrize("fmt", ["s1", PLAIN])
+def test_the_stop_and_continue_loop_probes_where_the_engine_does(engine, policy, fmt):
+    """The remote engine's loop (``loop_steps``, driven here by transformers' generate for calls and probes)
+    takes the same probe points, exits at the same token and counts the same probe tokens as BudgetState."""
+    from s1kit.engines.reference import hf_complete, hf_probe, stop_and_continue
+
+    loop = HFEngine(engine.model, engine.tokenizer, batch_size=1, fast=False)
+    req = Request(STORY, policy, fmt)
+    [c] = loop.generate([req])
+    ids, tokens, cap = loop.prepare(req)
+    ref = stop_and_continue(ids, policy, tokens, hf_complete(engine.model, engine.pad_id), cap,
+                            probe=hf_probe(engine.model, engine.tokenizer, engine.pad_id))
+    assert ref.token_ids == c.token_ids
+    assert (len(ref.thinking_ids), ref.waits_used, ref.hit_cap, ref.early_exit, ref.probe_tokens) == (
+        c.thinking_tokens, c.waits_used, c.hit_cap, c.early_exit, c.probe_tokens)
+    assert ref.probe_tokens > 0 or fmt == "s1"  # in s1's format SmolLM2 may end its thinking at once
+
+
 @pytest.mark.parametrize("kw, message", [
     ({}, "needs a probe point"),
     ({"every": 0}, "every must be >= 1"),

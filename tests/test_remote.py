@@ -313,11 +313,37 @@ def test_s1kit_server_in_front_of_a_remote_engine(remote):
         thread.join(60)
 
 
+def test_early_exit_on_the_remote_engine_probes_by_side_requests(remote):
+    """Early exit every N tokens: each probe is a side request on the sequence's context; a settled probe closes
+    thinking exactly as a cap at that count (same tokens as the capped request on the same server)."""
+    from s1kit.budget import EarlyExit
+
+    forced = "Final Answer: \\boxed{42}"  # every probe answers 42: one probe settles (agree=1)
+    exit_at_8 = BudgetPolicy(max_thinking_tokens=40, max_answer_tokens=4, answer_prefix=forced,
+                             early_exit=EarlyExit(every=8, agree=1, probe_tokens=4))
+    never = BudgetPolicy(max_thinking_tokens=24, max_answer_tokens=4,
+                         early_exit=EarlyExit(every=8, agree=1000, probe_tokens=4))
+    prompt = "Write a long story about a dragon who learns to count."
+    c, capped, probed, plain = remote.generate([Request(prompt, p, PLAIN) for p in (
+        exit_at_8, BudgetPolicy(max_thinking_tokens=8, max_answer_tokens=4, answer_prefix=forced),
+        never, BudgetPolicy(max_thinking_tokens=24, max_answer_tokens=4))])
+    assert (c.thinking_tokens, c.early_exit, c.hit_cap) == (8, True, False) and c.probe_tokens > 0
+    assert c.token_ids == capped.token_ids and c.answer.startswith(forced)
+    # probes at 8 and 16 change nothing (the calls split there, and a text-only server re-reads the text, so
+    # only the first call's tokens are compared)
+    assert probed.token_ids[:8] == plain.token_ids[:8] and probed.probe_tokens > 0
+    assert (probed.thinking_tokens, probed.early_exit, probed.hit_cap) == (24, False, True)
+
+
 def test_policies_the_remote_engine_lacks_are_refused_not_ignored(remote):
     from s1kit import S1KitError
     from s1kit.budget import EarlyExit
 
-    for policy in (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(every=8)),
-                   BudgetPolicy(max_thinking_tokens=32, cap_grace=4)):
-        with pytest.raises(S1KitError, match="in-process engine"):
-            remote.generate([Request("What is 2+2?", policy)])
+    for policy, message in ((BudgetPolicy(max_thinking_tokens=32, cap_grace=4), "in-process engine"),
+                            (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(words=("Wait",))),
+                             "stops on token ids"),
+                            # llama-cpp-python's server, started without --logits_all, refuses logprobs (HTTP 500)
+                            (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(every=8, confidence=0.9)),
+                             "logprobs")):
+        with pytest.raises(S1KitError, match=message):
+            remote.generate([Request("Write a long story about a dragon who learns to count.", policy, PLAIN)])

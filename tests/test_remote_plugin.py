@@ -128,3 +128,37 @@ def test_replay_reads_a_wait_the_model_wrote_itself():
     assert done.ambiguous == [1, 3] and done.guessed == [3]
     with pytest.raises(S1KitError, match="do not follow the budget policy at output position 2"):
         replay([5, 6, 99], BudgetPolicy(max_thinking_tokens=2), TOKENS, None)
+
+
+def test_early_exit_through_a_processor_server_runs_the_loop_with_probes_and_equals_the_engine(plugin_server, engine):
+    """Early exit needs probes, so such requests take the stop-and-continue loop even where the server has the
+    processor; on a server that stops on token ids, word probe points work too. Greedy on the same model, the
+    result equals the in-process engine's: same tokens, same exit point, same probe tokens."""
+    from s1kit.budget import EarlyExit
+    from s1kit.engines.hf import HFEngine
+
+    forced = "Final Answer: \\boxed{42}"
+    story = "Write a long story about a dragon who learns to count."
+    requests = [
+        Request(story, BudgetPolicy(max_thinking_tokens=60, max_answer_tokens=6, answer_prefix=forced,
+                                    early_exit=EarlyExit(every=5, agree=2, probe_tokens=4)), PLAIN),
+        Request(story, BudgetPolicy(max_thinking_tokens=60, max_answer_tokens=4, answer_prefix=forced,
+                                    early_exit=EarlyExit(words=("the",), agree=1)), PLAIN),
+        Request(story, BudgetPolicy(max_thinking_tokens=40, max_answer_tokens=6,
+                                    early_exit=EarlyExit(every=6, words=("the",), agree=1000)), PLAIN),
+        Request(story, BudgetPolicy(max_thinking_tokens=60, max_answer_tokens=6, answer_prefix=forced,
+                                    early_exit=EarlyExit(every=7, agree=None, confidence=0.01)), PLAIN),
+    ]
+    with RemoteEngine(plugin_server.url, "smollm2-135m", concurrency=4) as remote:
+        assert remote.plugin
+        sent = len(plugin_server.requests)
+        got = remote.generate(requests)
+        bodies = plugin_server.requests[sent:]
+    want = HFEngine(engine.model, engine.tokenizer, batch_size=4, fast=False).generate(requests)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        assert (g.thinking_tokens, g.early_exit, g.hit_cap, g.probe_tokens) == (
+            w.thinking_tokens, w.early_exit, w.hit_cap, w.probe_tokens)
+    assert [g.early_exit for g in got] == [True, True, False, True] and got[0].thinking_tokens == 10
+    assert got[3].thinking_tokens == 7  # the first probe's confidence (logprobs from the server) is enough
+    assert not any("vllm_xargs" in b for b in bodies)  # no request went through the processor

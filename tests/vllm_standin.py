@@ -107,6 +107,7 @@ class VLLMStandIn:
         with self.lock:
             self.requests.append(body)
             out: list[int] = []
+            logprobs: list[float] = []  # of each returned token, as vLLM gives them with ``logprobs``
             key = object()
             if forcing:
                 self.rows.add(0, key, params, prompt, out)
@@ -125,6 +126,7 @@ class VLLMStandIn:
                         probs = (logits / params.sampling.temperature).softmax(-1)
                         token = int(torch.multinomial(probs, 1, generator=gen))
                     out.append(token)
+                    logprobs.append(float(logits.log_softmax(-1)[0, token]))
                     ids = [token]
                     if token in params.ending_ids:
                         finish = "stop"
@@ -132,8 +134,9 @@ class VLLMStandIn:
             if forcing:
                 self.rows.remove(0)
         text = self.tokenizer.decode(out, skip_special_tokens=bool(body.get("skip_special_tokens", True)))
-        return {"object": "text_completion", "model": self.name,
-                "choices": [{"index": 0, "text": text, "token_ids": out, "finish_reason": finish,
-                             "stop_reason": out[-1] if finish == "stop" and out[-1] != self.tokenizer.eos_token_id
-                             else None}],
+        choice = {"index": 0, "text": text, "token_ids": out, "finish_reason": finish,
+                  "stop_reason": out[-1] if finish == "stop" and out[-1] != self.tokenizer.eos_token_id else None}
+        if body.get("logprobs") is not None:
+            choice["logprobs"] = {"tokens": [self.tokenizer.decode([t]) for t in out], "token_logprobs": logprobs}
+        return {"object": "text_completion", "model": self.name, "choices": [choice],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out)}}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import random
 import threading
 import warnings
@@ -39,7 +40,8 @@ from ..integrations.replay import replay
 from ..integrations.xargs import to_xargs
 from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap
 from .core import EngineCore, Prepared, Row
-from .reference import loop_steps
+from .probe import ProbeResult, normalized_answer
+from .reference import ProbeCall, loop_steps
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 PLUGIN = "s1kit.integrations.vllm:S1BudgetLogitsProcessor"
@@ -446,12 +448,36 @@ class RemoteEngine(EngineCore):
         calls = itertools.count(1)
         call = next(steps)
         while True:
-            new = await self._complete(row, *call, calls)
+            new = await (self._probe(row, call) if isinstance(call, ProbeCall) else self._complete(row, *call, calls))
             try:
                 call = steps.send(new)
             except StopIteration as done:
                 return done.value, False
             self._events.put((row, None))
+
+    async def _probe(self, row: Row, call: ProbeCall) -> ProbeResult:
+        """An early-exit probe: a greedy side request on the sequence's context (a server's prefix cache makes
+        the shared part cheap); its confidence is the mean probability of the tokens it returned (logprobs)."""
+        by_confidence = row.request.policy.early_exit.confidence is not None
+        body = self._body(call.ids, call.max_tokens, call.end_ids, SamplingParams(), row.seed)
+        if by_confidence:
+            body["logprobs"] = 1
+        choice, _ = await self._complete_call(body)
+        ids = self._returned_ids(choice)
+        if ids is None:
+            ids = await self._retokenize(choice["text"])
+        answer = [i for i in ids if i not in call.end_ids and i not in self._special]
+        steps = min(len(answer) + (choice["finish_reason"] == "stop"), call.max_tokens)
+        confidence = 0.0
+        if by_confidence:
+            logprobs = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
+            if not logprobs and steps:
+                raise S1KitError(f"{self.base_url} returned no logprobs: early exit by confidence needs them "
+                                 "(use agree=N with this server)")
+            confidence = sum(math.exp(x) for x in logprobs) / len(logprobs) if logprobs else 0.0
+        with self._tok_lock:
+            text = self.tokenizer.decode(call.prefix + answer, skip_special_tokens=True)
+        return ProbeResult(normalized_answer(text), confidence, call.suffix_len + steps)
 
     async def _complete(self, row: Row, ids: list[int], max_new: int, stop: frozenset[int], calls: Any) -> list[int]:
         out: list[int] = []
@@ -522,16 +548,25 @@ class RemoteEngine(EngineCore):
         text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
         ids = self._encode(text)
         tokens = self.compile(request.format, request.policy)
-        if request.policy.early_exit is not None or request.policy.cap_grace:  # refused, never silently ignored
-            raise S1KitError("early exit and a graceful cap run in the in-process engine (--engine hf); the remote "
-                             "engine does not have them yet")
-        if self.plugin:
+        ee = request.policy.early_exit
+        if request.policy.cap_grace:  # refused, never silently ignored
+            raise S1KitError("a graceful cap runs in the in-process engine (--engine hf); the remote engine does not "
+                             "have it yet")
+        if ee is not None and ee.words and self.server_kind not in STOP_ID_SERVERS:
+            raise S1KitError("early-exit words need a server that stops on token ids (vLLM, SGLang); this one stops "
+                             "on text, where a word cannot be told from the inside of another: probe every N tokens")
+        plugin = self._uses_plugin(request)
+        if plugin:
             forced = {*tokens.opener_ids, *tokens.newline_ids, *tokens.prefix_ids, *(t for w in tokens.wait_ids for t in w)}
             if forced & tokens.end_ids:
                 raise S1KitError(f"a forced text holds an end token ({self._text(sorted(forced & tokens.end_ids))!r}), "
                                  "which would end the request inside vLLM; use the stop-and-continue loop (plugin=False)")
         # forced in the server, the sequence also holds the end token forced after an answer budget
-        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + bool(self.plugin), self.max_context))
+        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + plugin, self.max_context))
+
+    def _uses_plugin(self, request: Request) -> bool:
+        """Whether a request runs as one request on the server's processor: early exit needs the loop's probes."""
+        return bool(self.plugin) and request.policy.early_exit is None
 
     def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
                  on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
@@ -586,7 +621,7 @@ class RemoteEngine(EngineCore):
     async def _sequence(self, row: Row, run: _Run) -> None:
         """A row's task: its sequence, then the news that it ended (or failed) for the stepping thread."""
         try:
-            if self.plugin:
+            if self._uses_plugin(row.request):
                 state, guessed = await self._forced_sequence(row, run)
                 row.trace = state
                 self.guessed_waits += guessed
