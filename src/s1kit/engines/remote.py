@@ -462,12 +462,13 @@ class RemoteEngine(EngineCore):
         body = self._body(call.ids, call.max_tokens, call.end_ids, SamplingParams(), row.seed)
         if by_confidence:
             body["logprobs"] = 1
-        choice, _ = await self._complete_call(body)
+        choice, used = await self._complete_call(body)
         ids = self._returned_ids(choice)
         if ids is None:
             ids = await self._retokenize(choice["text"])
         answer = [i for i in ids if i not in call.end_ids and i not in self._special]
-        steps = min(len(answer) + (choice["finish_reason"] == "stop"), call.max_tokens)
+        # decode steps, the end token's included (as the in-process probe counts them): the server's count if given
+        steps = min(used if used is not None else len(answer) + (choice["finish_reason"] == "stop"), call.max_tokens)
         confidence = 0.0
         if by_confidence:
             logprobs = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
