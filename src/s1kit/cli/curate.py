@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from ..budget import BudgetPolicy
-from ..curate.defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
+from ..curation_defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
 from ..formats import get_format
 from . import options as opt
 from .app import command, require_extra

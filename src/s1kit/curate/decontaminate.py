@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 
 import pyarrow as pa
 
+from ..curation_defaults import MIN_OVERLAP, NGRAM
 from ..errors import S1KitError
-from .defaults import MIN_OVERLAP, NGRAM
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows
 

@@ -14,14 +14,13 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from ..budget import BudgetPolicy
+from ..curation_defaults import DEFAULT_TOKENIZER, REFERENCE_POLICY
 from ..data.grading import Grader, extract_answer
 from ..engines.base import Request, SamplingParams
 from ..formats import ThinkingFormat
-from .defaults import DEFAULT_TOKENIZER, REFERENCE_POLICY
 from .generation import NamedEngine, Progress, cache_for, no_progress, run_cached
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows, set_column
-
 
 
 def load_tokenizer(ref: str) -> Any:

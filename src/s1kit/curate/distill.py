@@ -8,13 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..budget import BudgetPolicy
+from ..curation_defaults import TEACHER_POLICY
 from ..engines.base import Request, SamplingParams
 from ..formats import ThinkingFormat
-from .defaults import TEACHER_POLICY
 from .generation import NamedEngine, Progress, cache_for, no_progress, run_cached
 from .pool import as_table
 from .stage import StageReport, Timer, keep_rows, set_column
-
 
 
 def distill(

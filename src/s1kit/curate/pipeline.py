@@ -11,11 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 import pyarrow as pa
 
 from ..budget import BudgetPolicy
+from ..curation_defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
 from ..engines.base import Engine
 from ..errors import require_int
 from ..formats import ThinkingFormat
 from .decontaminate import decontaminate, load_eval_sets
-from .defaults import DEFAULT_EVAL_SETS, DEFAULT_TOKENIZER, MIN_OVERLAP, REFERENCE_POLICY, TEACHER_POLICY
 from .difficulty import difficulty
 from .distill import distill, require_traces
 from .domains import DomainClassifier, classify_domains, parse_classifier

@@ -1,6 +1,7 @@
-"""Curation defaults, apart from the stages so the CLI can show them without the curate extra (pyarrow, datasets)."""
+"""Curation defaults, outside the curate package so that the CLI can show them without the curate extra (pyarrow,
+datasets), which the package imports."""
 
-from ..budget import BudgetPolicy
+from .budget import BudgetPolicy
 
 NGRAM = 8
 MIN_OVERLAP = 0.5  # share of an evaluation question's n-grams a pool question must repeat
