@@ -137,6 +137,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF into bf16 safetensors + tokenizer at ``target`` (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     try:
         import gguf as _  # noqa: F401
@@ -147,7 +148,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its advice on running packed GGUF weights is moot: they are saved as bf16
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         # A GGUF-loaded model remembers its quantizer; drop it so the weights save as plain bf16.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
