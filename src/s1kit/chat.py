@@ -8,8 +8,11 @@ core directly: ``add`` the turn, ``step`` until it ends, print each row update a
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .budget import BudgetPolicy
 from .engines.base import Request, SamplingParams
@@ -107,8 +110,11 @@ class ChatSession:
 
         handle = self.engine.add(request, update)
         try:
-            while not handle.done:
-                self.engine.step()
+            with _ctrl_c_between_steps() as interrupted:
+                while not handle.done:
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
+                    self.engine.step()
         except KeyboardInterrupt:
             self.engine.abort(handle)
             raise
@@ -122,6 +128,21 @@ class ChatSession:
         used = f"{c.thinking_tokens}/{cap}" if cap is not None else f"{c.thinking_tokens}"
         how = "cap hit" if c.hit_cap else "stopped by the model"
         return f"thinking {used} tokens · waits {c.waits_used} · {how} · answer {c.answer_tokens} tokens"
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps() -> Iterator[threading.Event]:
+    """While decoding, Ctrl-C only sets a flag that the loop reads between steps: a KeyboardInterrupt raised at an
+    arbitrary point (inside a finalizer, where Python ignores it, or a library's cleanup) could be lost."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signals reach only the main thread; there a KeyboardInterrupt still works as usual
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_chat(session: ChatSession, console: Any, read: Callable[[str], str] = input) -> None:
