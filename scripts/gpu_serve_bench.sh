@@ -8,7 +8,8 @@
 # - vLLM 0.26.0 staged in /root/vllm (../shared/tools/vllm-wheels; DESIGN.md section 7) is installed once.
 # - The model: the real Qwen2.5-Coder-0.5B-Instruct when its GGUF chunks were staged in /root/stage (stage-chunks),
 #   converted once by s1kit; otherwise its real config and tokenizer (.carry/coder05) with random bf16 weights.
-# - .carry/whl holds what the image lacks for s1kit (fastapi, uvicorn, pydantic, math-verify, gguf).
+# - .carry/whl holds what the image lacks for s1kit (fastapi with opentelemetry-api and annotated-doc, uvicorn,
+#   pydantic, math-verify, gguf; without vLLM staged, nothing else brings opentelemetry-api).
 # - vllm: two servers (without and with s1kit's processor, 0.4 of the GPU each, started one after the other);
 #   the serving load (256 chat requests, 64 at a time: vLLM 320 tokens with ignore_eos) against the plain one,
 #   then remote_vllm.py (exactness, equality with the loop, streaming, throughput) against both.
