@@ -58,6 +58,14 @@ class EarlyExit:
         if self.agree is None and self.confidence is None:
             raise ValueError("early exit needs a rule: agree (probes) and/or confidence")
 
+    def is_probe_point(self, thinking: int, proposed: int, tokens: ForcingTokens, min_thinking: int,
+                       last_probe: int) -> bool:
+        """Whether a free proposal after ``thinking`` tokens is a probe point: every ``every`` tokens or the start
+        of a word, never a stop, never before ``min_thinking``, never twice at one count (``last_probe``)."""
+        if proposed in tokens.stop_ids or thinking < min_thinking or thinking == last_probe:
+            return False
+        return bool(self.every and thinking and thinking % self.every == 0) or proposed in tokens.word_ids
+
     def settled(self, answers: list[str], confidence: float) -> bool:
         """Whether the rule holds after the latest probe (``answers``: every probe's normalised answer so far)."""
         if self.confidence is not None and confidence >= self.confidence:
@@ -206,10 +214,8 @@ class BudgetState:
         ee = self.policy.early_exit
         if ee is None or self.phase is not Phase.THINK or self._forced or self._closing_due():
             return False
-        n = len(self.thinking_ids)
-        if proposed in self.tokens.stop_ids or n < self.policy.min_thinking_tokens or n == self._probed_at:
-            return False
-        return bool(ee.every and n and n % ee.every == 0) or proposed in self.tokens.word_ids
+        return ee.is_probe_point(len(self.thinking_ids), proposed, self.tokens, self.policy.min_thinking_tokens,
+                                 self._probed_at)
 
     def probe_suffix(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """What a probe appends to the context so far: (the answer opener, the answer prefix), as a cap would

@@ -77,7 +77,7 @@ def loop_steps(
     unbounded: int = 1 << 30,
     trace: LoopTrace | None = None,
     close_thinking: Callable[[], bool] | None = None,
-) -> Generator[Call, list[int], LoopTrace]:
+) -> Generator[Call | ProbeCall, list[int] | ProbeResult, LoopTrace]:
     """The s1 loop as a generator: yields each ``complete`` call's arguments, is sent its new ids, returns the trace.
 
     ``stop_and_continue`` drives it with a plain function; the remote engine drives many at once on one
@@ -95,9 +95,7 @@ def loop_steps(
     probed_at = -1
 
     def probe_due(n: int, proposed: int) -> bool:
-        if proposed in tokens.stop_ids or n < policy.min_thinking_tokens or n == probed_at:
-            return False
-        return proposed in tokens.word_ids or bool(ee.every and n and n % ee.every == 0)
+        return ee.is_probe_point(n, proposed, tokens, policy.min_thinking_tokens, probed_at)
 
     while True:
         if close_thinking is not None and close_thinking():
