@@ -21,6 +21,12 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _freeze_strings(obj: object, name: str) -> None:
+    """Store a frozen dataclass's string-list field as a tuple (one string given alone becomes a 1-tuple)."""
+    value = getattr(obj, name)
+    object.__setattr__(obj, name, (value,) if isinstance(value, str) else tuple(value))
+
+
 @dataclass(frozen=True)
 class EarlyExit:
     """Stop thinking once the answer has settled (Dynasor-CoT / DEER style), checked by probes.
@@ -39,10 +45,7 @@ class EarlyExit:
     confidence: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.words, str):
-            object.__setattr__(self, "words", (self.words,))
-        else:
-            object.__setattr__(self, "words", tuple(self.words))
+        _freeze_strings(self, "words")
         if self.every is not None:
             _check_int("every", self.every, 1)
         if not all(isinstance(w, str) and w.strip() for w in self.words):
@@ -88,10 +91,7 @@ class BudgetPolicy:
     cap_grace: int = 0  # at the cap, think on up to this many tokens to end the sentence or line first
 
     def __post_init__(self) -> None:
-        if isinstance(self.wait_strings, str):
-            object.__setattr__(self, "wait_strings", (self.wait_strings,))
-        else:
-            object.__setattr__(self, "wait_strings", tuple(self.wait_strings))
+        _freeze_strings(self, "wait_strings")
         if self.max_thinking_tokens is not None:
             _check_int("max_thinking_tokens", self.max_thinking_tokens, 0)
         _check_int("min_thinking_tokens", self.min_thinking_tokens, 0)
