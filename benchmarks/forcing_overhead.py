@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
 from _timing import median_time
 from rich.console import Console
@@ -22,7 +24,9 @@ from rich.table import Table
 from s1kit import BudgetPolicy, Request, ThinkingFormat
 from s1kit.engines import hf
 from s1kit.engines.hf import HFEngine
-from s1kit.engines.reference import hf_complete, stop_and_continue
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import hf_complete, stop_and_continue  # noqa: E402 - the s1 loop is a test oracle, not library code
 
 PROMPTS = [
     "What is 17*23?",

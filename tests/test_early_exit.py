@@ -82,7 +82,7 @@ LOOP_RULES = [
 def test_the_stop_and_continue_loop_probes_where_the_engine_does(engine, policy):
     """The remote engine's loop (``loop_steps``, driven here by transformers' generate for calls and probes)
     takes the same probe points, exits at the same token and counts the same probe tokens as BudgetState."""
-    from s1kit.engines.reference import hf_complete, hf_probe, stop_and_continue
+    from reference import hf_complete, hf_probe, stop_and_continue
 
     loop = HFEngine(engine.model, engine.tokenizer, batch_size=1, fast=False)
     req = Request(STORY, policy, PLAIN)  # in s1's format SmolLM2 ends its thinking at once: nothing to probe

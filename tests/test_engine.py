@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from s1kit import BudgetPolicy, Request, SamplingParams, ThinkingFormat
-from s1kit.engines.reference import hf_complete, stop_and_continue
+
+from reference import hf_complete, stop_and_continue
 
 # The untrained-for-thinking model tends to close thinking at once in the s1 format; this custom format
 # lets it think in free text until it ends its turn, so long sampled thinking is covered too.

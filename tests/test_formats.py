@@ -3,7 +3,7 @@
 import pytest
 
 from s1kit import R1, S1, ThinkingFormat, render_example, render_prompt
-from s1kit.engines.base import ForcingCompiler
+from s1kit.forcing import ForcingCompiler
 from s1kit.formats import as_messages, format_tokens, get_format
 from s1kit.budget import BudgetPolicy
 

@@ -15,10 +15,11 @@ import pytest
 
 from s1kit import BUNDLED, BudgetPolicy, Request, S1KitError, SamplingParams, ThinkingFormat
 from s1kit.data.benchmarks import load_benchmark
-from s1kit.engines.reference import stop_and_continue
 from s1kit.engines.remote import RemoteEngine
 from s1kit.evaluate.sweep import build_grid, run_sweep
 from s1kit.models import bundled_files
+
+from reference import stop_and_continue
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 THREADS = 2
@@ -335,12 +336,25 @@ def test_early_exit_on_the_remote_engine_probes_by_side_requests(remote):
     assert (probed.thinking_tokens, probed.early_exit, probed.hit_cap) == (24, False, True)
 
 
+def test_a_graceful_cap_on_llama_cpp_ends_the_sentence_within_its_window(remote):
+    """The remote loop steps ``BudgetState`` over each call, so the grace window works on any server: past the cap
+    thinking goes on until a sentence or line ends (at most ``cap_grace`` more tokens), then closes as a cap."""
+    prompt = "Write a long story about a dragon who learns to count."
+    hard, graced = remote.generate([Request(prompt, BudgetPolicy(max_thinking_tokens=10, max_answer_tokens=3), PLAIN),
+                                    Request(prompt, BudgetPolicy(max_thinking_tokens=10, cap_grace=40,
+                                                                 max_answer_tokens=3), PLAIN)])
+    extra = graced.thinking_tokens - 10
+    assert hard.thinking_tokens == 10 and 0 < extra <= 40 and graced.hit_cap, graced.thinking
+    assert graced.token_ids[:10] == hard.token_ids[:10]
+    last = remote.tokenizer.decode(graced.token_ids[graced.thinking_tokens - 1:graced.thinking_tokens])
+    assert extra == 40 or last.rstrip(" \t\"')]*")[-1:] in (".", "!", "?") or last.endswith("\n"), last
+
+
 def test_policies_the_remote_engine_lacks_are_refused_not_ignored(remote):
     from s1kit import S1KitError
     from s1kit.budget import EarlyExit
 
-    for policy, message in ((BudgetPolicy(max_thinking_tokens=32, cap_grace=4), "in-process engine"),
-                            (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(words=("Wait",))),
+    for policy, message in ((BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(words=("Wait",))),
                              "stops on token ids"),
                             # llama-cpp-python's server, started without --logits_all, refuses logprobs (HTTP 500)
                             (BudgetPolicy(max_thinking_tokens=32, early_exit=EarlyExit(every=8, confidence=0.9)),

@@ -17,6 +17,13 @@ from test_budget import IM_END, IM_START, EOS, NL, ONE_WAIT, TOKENS, TWO_TOKEN_W
 VOCAB = 128
 NL_TABLE = torch.zeros(VOCAB, dtype=torch.bool)
 NL_TABLE[[NL, 40]] = True  # same rule as TOKENS.ends_with_newline
+WORD, DOT = 41, 43  # an early-exit word's first token; a token ending a sentence
+SENTENCE = torch.zeros(VOCAB, dtype=torch.bool)
+SENTENCE[DOT] = True
+
+
+def _with_words(tokens):
+    return ForcingTokens(**{**tokens.__dict__, "word_ids": frozenset({WORD}), "ends_sentence": lambda t: t == DOT})
 
 
 def random_policy(rng: random.Random) -> BudgetPolicy:
@@ -80,25 +87,31 @@ def test_reloading_a_slot_starts_a_fresh_sequence():
     assert e.tolist() == [30, 0] and k.tolist() == [THINK, NONE]  # slot 0 waits, slot 1 stays finished
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_stop_thinking_is_a_zero_cap_in_the_tensor_machine(seed):
-    """Stop-thinking mid-sequence: ``BudgetState.stop_thinking`` and a zero cap in the mirror emit the same."""
+@pytest.mark.parametrize("seed", range(4))
+def test_stop_thinking_mirrors_the_pure_machine_with_and_without_grace(seed):
+    """Stop-thinking mid-sequence: ``BudgetState.stop_thinking`` and ``TensorBudget.stop_thinking`` emit the same,
+    caps and graceful caps included (with a grace window the sentence ends first, in both)."""
     rng = random.Random(100 + seed)
-    slots = 8
-    tb = TensorBudget(slots, "cpu", VOCAB, NL_TABLE)
+    slots = 12
+    tb = TensorBudget(slots, "cpu", VOCAB, NL_TABLE, sentence_table=SENTENCE)
     rows = []
     for b in range(slots):
-        tokens = rng.choice([TOKENS, ONE_WAIT, TWO_TOKEN_WAIT])
-        policy = BudgetPolicy(min_thinking_tokens=rng.choice([0, 30]), num_waits=rng.choice([0, 2]),
-                              max_answer_tokens=5)
+        tokens = _with_words(rng.choice([TOKENS, ONE_WAIT, TWO_TOKEN_WAIT]))
+        cap = rng.choice([None, None, 4, 30])
+        policy = BudgetPolicy(max_thinking_tokens=cap, min_thinking_tokens=min(rng.choice([0, 30]), cap or 99),
+                              num_waits=rng.choice([0, 2]), max_answer_tokens=5, cap_grace=rng.choice([0, 3, 8]))
         tb.load(b, policy, tokens, None)
-        rows.append((BudgetState(policy, tokens), proposals(rng, 60), rng.randrange(1, 12)))
+        props = [rng.choice([IM_START, IM_END, EOS, NL, DOT]) if rng.random() < 0.15 else rng.randrange(1, 60)
+                 for _ in range(80)]
+        rows.append((BudgetState(policy, tokens), props, rng.randrange(1, 12)))
+    graced = 0
     outs = [[] for _ in range(slots)]
-    for t in range(60):
+    for t in range(80):
         for b, (state, _, at) in enumerate(rows):
             if t == at:
                 state.stop_thinking()
-                tb.cap[b] = 0
+                tb.stop_thinking(b)
+                graced += not state.done and state.policy.cap_grace > 0 and not state.next_is_forced
         e, k = tb.step(torch.tensor([r[1][t] for r in rows]), pad_id=0)
         for b, (state, props, _) in enumerate(rows):
             if not state.done:
@@ -106,17 +119,9 @@ def test_stop_thinking_is_a_zero_cap_in_the_tensor_machine(seed):
             if k[b] != NONE:
                 outs[b].append(int(e[b]))
     for b, (state, _, _) in enumerate(rows):
-        assert state.done and outs[b] == state.token_ids
+        assert state.done and outs[b] == state.token_ids, (b, state.policy)
         assert bool(tb.hit_cap[b]) == state.hit_cap
-
-
-WORD, DOT = 41, 43  # an early-exit word's first token; a token ending a sentence
-SENTENCE = torch.zeros(VOCAB, dtype=torch.bool)
-SENTENCE[DOT] = True
-
-
-def _with_words(tokens):
-    return ForcingTokens(**{**tokens.__dict__, "word_ids": frozenset({WORD}), "ends_sentence": lambda t: t == DOT})
+    assert graced, "some row thinks on in a grace window after stop-thinking"
 
 
 @pytest.mark.parametrize("seed", range(8))

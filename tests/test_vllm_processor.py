@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from s1kit import R1, S1, BudgetPolicy, BudgetState, ThinkingFormat
-from s1kit.engines.base import ForcingCompiler
+from s1kit.forcing import ForcingCompiler
 from s1kit.engines.remote import load_tokenizer
 from s1kit.integrations.processor import BudgetRows, RequestParams, check_request
 from s1kit.integrations.sampling import RowSampling, filtered_logits, uniform

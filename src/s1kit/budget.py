@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Callable
 
 
@@ -144,6 +144,11 @@ class ForcingTokens:
         opener = self.opener_ids if text_ends_with_newline else self.newline_ids + self.opener_ids
         return opener, self.prefix_ids
 
+    @property
+    def max_closing_len(self) -> int:
+        """The most tokens a closing takes between thinking and the sampled answer (newline, opener, prefix)."""
+        return len(self.newline_ids) + len(self.opener_ids) + len(self.prefix_ids)
+
 
 class Phase(str, Enum):
     THINK = "think"
@@ -151,36 +156,61 @@ class Phase(str, Enum):
     DONE = "done"
 
 
-# What an emitted token is: thinking (sampled or a forced Wait), the opener (neither), or the answer prefix.
-_THINK, _OPENER, _PREFIX = "think", "opener", "prefix"
+class Kind(IntEnum):
+    """What an emitted token is, in every engine: thinking (sampled or a forced Wait), the opener (counted
+    nowhere), the forced answer prefix, a sampled answer token, the end of the turn, or nothing (a row that
+    emitted nothing this step). The fast path records these per step; the values are its tensor codes."""
+
+    THINK = 0
+    OPENER = 1
+    PREFIX = 2
+    ANSWER = 3
+    END = 4
+    NONE = 5
 
 
-class BudgetState:
-    """The budget-forcing state machine of one sequence (DESIGN.md §2).
+@dataclass(eq=False)
+class Trace:
+    """What one sequence emitted so far, and how it ended: the one record every engine fills (``BudgetState`` is
+    one; the fast path fills one from its device records) and every ``Completion`` is built from."""
+
+    thinking_ids: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)  # after the opener: forced prefix + sampled, no end token
+    token_ids: list[int] = field(default_factory=list)  # everything emitted, end token included
+    waits_used: int = 0
+    hit_cap: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once ended
+    early_exit: bool = False  # closed by the early-exit rule
+    probe_answers: list[str] = field(default_factory=list)  # each probe's normalised answer, in order
+    probe_tokens: int = 0  # tokens decoded by probes (compute, not part of the sequence)
+
+    def record_probe(self, rule: EarlyExit, answer: str, confidence: float, tokens: int) -> bool:
+        """Add a probe (normalised answer, mean token probability, tokens it decoded); True (and ``early_exit``
+        set) once ``rule`` holds."""
+        self.probe_tokens += tokens
+        self.probe_answers.append(answer)
+        self.early_exit = rule.settled(self.probe_answers, confidence)
+        return self.early_exit
+
+
+class BudgetState(Trace):
+    """The budget-forcing state machine of one sequence (DESIGN.md §2), and its ``Trace``.
 
     Call ``step(proposed)`` with the model's proposal for the next token; it returns the token to emit,
     which is the proposal unless the policy forces something else. Stop when ``done`` is true.
     """
 
     def __init__(self, policy: BudgetPolicy, tokens: ForcingTokens, cap: int | None = None) -> None:
+        super().__init__()
         self.policy = policy
         self.tokens = tokens
         # The engine may lower the cap (context window); ``None`` means the policy's own.
         self.cap = policy.max_thinking_tokens if cap is None else cap
         self.phase = Phase.THINK
-        self.thinking_ids: list[int] = []
-        self.answer_ids: list[int] = []  # after the opener: forced prefix + sampled, no end token
-        self.token_ids: list[int] = []  # everything emitted, end token included
-        self.waits_used = 0
-        self.hit_cap = False
-        self.finish_reason: str | None = None
         self._sampled_answer = 0
-        self._forced: deque[tuple[int, str]] = deque()
+        self._forced: deque[tuple[int, Kind]] = deque()
         self._ends_nl = tokens.prompt_ends_with_newline
         self._at_boundary = tokens.prompt_ends_with_newline  # thinking so far ends a sentence or line
-        self.early_exit = False  # closed by the early-exit rule
-        self.probe_answers: list[str] = []  # each probe's normalised answer, in order
-        self.probe_tokens = 0  # tokens decoded by probes (compute, not part of the sequence)
         self._probed_at = -1
 
     @property
@@ -191,9 +221,20 @@ class BudgetState:
     @property
     def next_is_forced(self) -> bool:
         """True when the next emitted token does not depend on the proposal."""
-        if self._forced:
+        if self._forced and not self._wait_cut_by_cap():
             return True
         return self.phase is Phase.THINK and self._closing_due()
+
+    def _wait_cut_by_cap(self) -> bool:
+        return self._forced[0][1] is Kind.THINK and self._past_cap()
+
+    def free_proposals(self) -> int | None:
+        """How many proposals in a row the machine may still take as they are before it must act (the cap and its
+        grace window, or the answer budget); None while thinking has no cap. A backend that decodes ahead of the
+        machine (a server call) asks for at most this many tokens."""
+        if self.phase is Phase.THINK:
+            return None if self.cap is None else max(self.cap + self.policy.cap_grace - len(self.thinking_ids), 0)
+        return max(self.policy.max_answer_tokens - self._sampled_answer, 0)
 
     def _past_cap(self) -> bool:
         return self.cap is not None and len(self.thinking_ids) >= self.cap
@@ -225,11 +266,8 @@ class BudgetState:
     def observe_probe(self, answer: str, confidence: float, tokens: int) -> bool:
         """Record a probe (normalised answer, mean token probability, tokens it decoded); True if thinking now
         closes: the opener and prefix are forced at the next step, and ``early_exit`` is set."""
-        self.probe_tokens += tokens
-        self.probe_answers.append(answer)
         self._probed_at = len(self.thinking_ids)
-        if self.policy.early_exit.settled(self.probe_answers, confidence):
-            self.early_exit = True
+        if self.record_probe(self.policy.early_exit, answer, confidence, tokens):
             self.cap = len(self.thinking_ids)
             return True
         return False
@@ -260,14 +298,18 @@ class BudgetState:
 
     def cancel(self) -> None:
         """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""
+        self.end("cancelled")
+
+    def end(self, reason: str) -> None:
+        """End the sequence now with ``reason`` (e.g. "length": the backend can decode no further)."""
         self._forced.clear()
-        self.phase, self.finish_reason = Phase.DONE, "cancelled"
+        self.phase, self.finish_reason = Phase.DONE, reason
 
     def step(self, proposed: int) -> int:
         """Consume the model's proposal and return the token to emit."""
         if self.phase is Phase.DONE:
             raise RuntimeError("step() called on a finished sequence")
-        if self._forced and self._forced[0][1] == _THINK and self._past_cap():
+        if self._forced and self._wait_cut_by_cap():
             self._forced.clear()  # the cap wins over a Wait being forced
         if self._forced:
             return self._emit(*self._forced.popleft())
@@ -280,20 +322,20 @@ class BudgetState:
         if self._closing_due():
             self.hit_cap = not self.early_exit
             opener, prefix = t.cap_close_ids(self._ends_nl)
-            self._force([(i, _OPENER) for i in opener] + [(i, _PREFIX) for i in prefix])
+            self._force([(i, Kind.OPENER) for i in opener] + [(i, Kind.PREFIX) for i in prefix])
             return self._emit(*self._forced.popleft())
         if proposed in t.stop_ids:
             extend = self.waits_used < self.policy.num_waits or len(self.thinking_ids) < self.policy.min_thinking_tokens
             if extend and not self._past_cap():  # in a cap's grace window a stop is accepted
                 wait = t.wait_ids[self.waits_used % len(t.wait_ids)]
                 self.waits_used += 1
-                self._force([(i, _THINK) for i in wait])
+                self._force([(i, Kind.THINK) for i in wait])
             else:
                 # Accepted: a proposal equal to the opener's first token is kept and the rest forced; any
                 # other stop (end of turn, EOS) is replaced by the opener. Both emit exactly the opener.
-                self._force([(i, _OPENER) for i in t.opener_ids])
+                self._force([(i, Kind.OPENER) for i in t.opener_ids])
             return self._emit(*self._forced.popleft())
-        return self._emit(proposed, _THINK)
+        return self._emit(proposed, Kind.THINK)
 
     def _answer(self, proposed: int) -> int:
         self.token_ids.append(proposed)
@@ -306,18 +348,18 @@ class BudgetState:
             self.phase, self.finish_reason = Phase.DONE, "length"
         return proposed
 
-    def _force(self, items: list[tuple[int, str]]) -> None:
+    def _force(self, items: list[tuple[int, Kind]]) -> None:
         self._forced.extend(items)
-        if items and items[0][1] != _THINK:
+        if items and items[0][1] is not Kind.THINK:
             self.phase = Phase.ANSWER  # closing tokens are queued: thinking is over
 
-    def _emit(self, token: int, kind: str) -> int:
+    def _emit(self, token: int, kind: Kind) -> int:
         self.token_ids.append(token)
-        if kind == _THINK:  # a thinking token, sampled or forced
+        if kind is Kind.THINK:  # a thinking token, sampled or forced
             self.thinking_ids.append(token)
             self._ends_nl = self.tokens.ends_with_newline(token)
             ends = self.tokens.ends_sentence
             self._at_boundary = self._ends_nl or (ends is not None and ends(token))
-        elif kind == _PREFIX:
+        elif kind is Kind.PREFIX:
             self.answer_ids.append(token)
         return token

@@ -1,14 +1,17 @@
-"""What every engine shares: requests, sampling parameters, completions, and compiling a format + policy
-into the token ids the budget state machine runs on."""
+"""What every engine shares: requests, sampling parameters, completions and the engine protocol (compiling
+a format + policy into forcing tokens is ``s1kit.forcing``)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from ..budget import BudgetPolicy, ForcingTokens
-from ..errors import S1KitError, require_int
-from ..formats import S1, Messages, ThinkingFormat, format_tokens, get_format
+from ..budget import BudgetPolicy, Trace
+from ..errors import require_int
+from ..formats import S1, Messages, ThinkingFormat, get_format
+
+
+MIN_TEMPERATURE = 1e-2  # below it sampling is argmax in all but name (vLLM raises such temperatures to 0.01)
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: no distribution to sample from
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         require_int("top_k", self.top_k, 0)
@@ -76,17 +81,6 @@ class Completion:
         return d
 
 
-class Trace(Protocol):
-    """What an engine's per-sequence run leaves behind (``BudgetState`` and the reference loop's result)."""
-
-    thinking_ids: list[int]
-    answer_ids: list[int]
-    token_ids: list[int]
-    waits_used: int
-    hit_cap: bool
-    finish_reason: str | None
-
-
 def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_tokens: int, ri: int, si: int) -> Completion:
     """Build a ``Completion`` from a finished trace."""
     return Completion(
@@ -102,8 +96,8 @@ def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_token
         prompt_tokens=prompt_tokens,
         request_index=ri,
         sample_index=si,
-        probe_tokens=getattr(trace, "probe_tokens", 0),
-        early_exit=getattr(trace, "early_exit", False),
+        probe_tokens=trace.probe_tokens,
+        early_exit=trace.early_exit,
     )
 
 
@@ -145,77 +139,3 @@ class Engine(Protocol):
                  on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
         """Completions for ``requests``, ``n`` per request, in request order."""
         ...
-
-
-class ForcingCompiler:
-    """Compiles (format, policy) into ``ForcingTokens`` for one tokenizer, caching the results."""
-
-    def __init__(self, tokenizer: Any, extra_eos: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.extra_eos = tuple(extra_eos)
-        self._cache: dict[tuple, ForcingTokens] = {}
-        self._nl: dict[int, bool] = {}
-        self._sentence: dict[int, bool] = {}
-
-    def _ends_with_newline(self, token: int) -> bool:
-        v = self._nl.get(token)
-        if v is None:
-            v = self._nl[token] = self.tokenizer.decode([token]).endswith("\n")
-        return v
-
-    def _ends_sentence(self, token: int) -> bool:
-        v = self._sentence.get(token)
-        if v is None:
-            v = self._sentence[token] = ends_sentence(self.tokenizer.decode([token]))
-        return v
-
-    def word_ids(self, words: Sequence[str]) -> frozenset[int]:
-        """First tokens of each word, written alone or after a space: where the model starts one of them."""
-        enc = self.tokenizer.encode
-        return frozenset(ids[0] for w in words for ids in (enc(w, add_special_tokens=False),
-                                                            enc(" " + w, add_special_tokens=False)) if ids)
-
-    def __call__(self, fmt: ThinkingFormat, policy: BudgetPolicy) -> ForcingTokens:
-        """The ``ForcingTokens`` of ``fmt`` and ``policy``; ``ValueError`` if a delimiter is unknown."""
-        words = policy.early_exit.words if policy.early_exit is not None else ()
-        key = (fmt, policy.wait_strings, policy.answer_prefix, words)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        enc = self.tokenizer.encode
-        ft = format_tokens(self.tokenizer, fmt, self.extra_eos)
-        tokens = ForcingTokens(
-            stop_ids=ft.stop_ids,
-            end_ids=ft.end_ids,
-            opener_ids=ft.opener_ids,
-            newline_ids=tuple(enc("\n", add_special_tokens=False)),
-            prefix_ids=tuple(enc(policy.answer_prefix, add_special_tokens=False)) if policy.answer_prefix else (),
-            wait_ids=tuple(tuple(enc(w, add_special_tokens=False)) for w in policy.wait_strings),
-            ends_with_newline=self._ends_with_newline,
-            prompt_ends_with_newline=fmt.think_open.endswith("\n"),
-            word_ids=self.word_ids(words),
-            ends_sentence=self._ends_sentence,
-        )
-        self._cache[key] = tokens
-        return tokens
-
-
-def ends_sentence(text: str) -> bool:
-    """Whether a token's text ends a sentence or a line (a graceful cap closes there): ".", "!", "?", maybe
-    followed by a closing quote or bracket, or a newline."""
-    t = text.rstrip(" \t\"')]*")
-    return text.endswith("\n") or (bool(t) and t[-1] in ".!?" and not t.endswith(".."))
-
-
-def context_cap(policy: BudgetPolicy, tokens: ForcingTokens, prompt_len: int, max_context: int | None) -> int | None:
-    """The thinking cap after leaving room in the context window for closing and answering."""
-    if max_context is None:
-        return policy.max_thinking_tokens
-    room = max_context - prompt_len - policy.max_answer_tokens - len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
-    if room < 0:
-        raise S1KitError(
-            f"prompt of {prompt_len} tokens plus max_answer_tokens={policy.max_answer_tokens} "
-            f"does not fit the model's context of {max_context} tokens"
-        )
-    cap = policy.max_thinking_tokens
-    return room if cap is None else min(cap, room)

@@ -17,10 +17,10 @@ import os
 from collections import deque
 from typing import Any, Callable, NamedTuple, Sequence
 
-from ..budget import ForcingTokens
+from ..budget import ForcingTokens, Trace
 from ..formats import render_prompt
-from .base import Completion, Request, SamplingParams, context_cap, make_completion
-from .reference import LoopTrace
+from ..forcing import context_cap
+from .base import Completion, Request, SamplingParams, make_completion
 
 
 class Prepared(NamedTuple):
@@ -34,9 +34,9 @@ class Prepared(NamedTuple):
 class Row:
     """One sequence, one sample of a request: the row type every backend decodes.
 
-    ``trace`` holds what the row emitted so far (``thinking_ids``, ``answer_ids``, ``token_ids``, ``waits_used``,
-    ``hit_cap``, ``finish_reason``): the backend's ``BudgetState`` on the plain loop, a ``LoopTrace`` filled from
-    the device's records on the fast path and from server answers on the remote engine.
+    ``trace`` is the row's ``Trace`` (what it emitted so far and how it ended): its ``BudgetState`` where the host
+    steps the machine (the plain loop, the remote engine), a plain ``Trace`` filled from the device's records on
+    the fast path.
     """
 
     __slots__ = ("handle", "sample_index", "seed", "trace", "done", "completion", "slot")
@@ -45,7 +45,7 @@ class Row:
         self.handle = handle
         self.sample_index = sample_index
         self.seed = seed
-        self.trace: Any = LoopTrace()
+        self.trace: Trace = Trace()
         self.done = False
         self.completion: Completion | None = None
         self.slot: Any = None  # the backend's place for the row while it decodes
@@ -127,6 +127,10 @@ class EngineCore:
         """Make ``row`` (it has a place) close its thinking at its next step, as at the cap."""
         raise NotImplementedError
 
+    def _seed(self, seed: int) -> None:
+        """Seed a backend whose sampling draws from one generator for all rows (the fast path); the others seed
+        each row from ``row.seed`` and ignore this."""
+
     # -- the core --------------------------------------------------------------------------------------
 
     def prepare(self, request: Request) -> Prepared:
@@ -143,6 +147,8 @@ class EngineCore:
         seed = request.sampling.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
+        elif not self._live:  # an idle core: a seeded request starts a reproducible run on any backend
+            self._seed(seed)
         handle = Handle(request, prepared, request_index, on_update, seed)
         self._queue.extend(handle.rows)
         self._live.update(handle.rows)

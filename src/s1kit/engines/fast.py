@@ -125,14 +125,15 @@ def _model_dims(model: Any) -> tuple[int, int, int, int]:
 
 
 def max_new_tokens(row: Row) -> int:
-    """The most tokens ``row`` can emit (thinking, closing, answer, end token); its thinking must be bounded."""
+    """The most tokens ``row`` can emit (thinking and a cap's grace, closing, answer, end token); its thinking must
+    be bounded."""
     p = row.prepared
     cap = p.cap if p.cap is not None else row.request.policy.max_thinking_tokens
     if cap is None:
         raise S1KitError("the fast path needs a thinking cap or a model with a context length "
                          "(max_position_embeddings) to bound each row")
-    t = p.tokens
-    return cap + len(t.newline_ids) + len(t.opener_ids) + len(t.prefix_ids) + row.request.policy.max_answer_tokens + 1
+    policy = row.request.policy
+    return cap + policy.cap_grace + p.tokens.max_closing_len + policy.max_answer_tokens + 1
 
 
 def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
@@ -387,8 +388,8 @@ class FastDecoder:
 
     @torch.inference_mode()
     def stop_thinking(self, row: Row) -> None:
-        """Close ``row``'s thinking at its next step: a zero cap, which the machine treats as the cap."""
-        self.ws.tb.cap[row.slot] = 0
+        """Close ``row``'s thinking at its next step, as ``BudgetState.stop_thinking`` does."""
+        self.ws.tb.stop_thinking(row.slot)
 
     def run(self, rows: Sequence[Row]) -> None:
         """Decode token-id rows to the end without an engine core (benchmarks and tests): fills ``row.trace``."""
@@ -604,10 +605,6 @@ class FastDecoder:
             probes.append(Probe(past, position, opener + prefix, len(opener),
                                 row.request.policy.early_exit.probe_tokens, tokens.end_ids))
         for (s, row), res in zip(paused, run_probes(self.model, self.tokenizer, probes, self.pad_id)):
-            t = row.trace
-            t.probe_tokens += res.tokens
-            t.probe_answers.append(res.answer)
-            self._probed[s] = len(t.thinking_ids)
-            exit = row.request.policy.early_exit.settled(t.probe_answers, res.confidence)
-            t.early_exit = exit
-            ws.tb.release(s, exit)
+            self._probed[s] = len(row.trace.thinking_ids)
+            ws.tb.release(s, row.trace.record_probe(row.request.policy.early_exit, res.answer, res.confidence,
+                                                    res.tokens))

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..budget import BudgetState
-from .base import Completion, ForcingCompiler, Request, SamplingParams
+from ..errors import S1KitError
+from ..forcing import ForcingCompiler
+from .base import SamplingParams
 from .core import EngineCore, Row
 
 
@@ -90,14 +92,6 @@ class HFEngine(EngineCore):
                 self._decoder = LoopDecoder(self)
         return self._decoder
 
-    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
-                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
-        """Completions for ``requests`` (see ``EngineCore.generate``); fast-path sampling is seeded per call."""
-        seeds = [r.sampling.seed for r in requests if r.sampling.seed is not None]
-        if self.fast and seeds and not self.has_work:
-            self.decoder.generator.manual_seed(seeds[0])
-        return super().generate(requests, on_progress, on_complete)
-
     def _fix_length(self, max_model_len: int) -> None:
         """One cache length for every request: prompts that cannot fit it are refused by ``prepare``."""
         self.max_model_len = max_model_len
@@ -137,6 +131,10 @@ class HFEngine(EngineCore):
     def _stop_thinking(self, row: Row) -> None:
         self.decoder.stop_thinking(row)
 
+    def _seed(self, seed: int) -> None:
+        if self.fast:  # one generator draws for every slot
+            self.decoder.generator.manual_seed(seed)
+
 
 class _Place:
     """A row's place in the loop's batch: its sampling generator (None for greedy)."""
@@ -145,6 +143,12 @@ class _Place:
 
     def __init__(self, generator: torch.Generator | None) -> None:
         self.generator = generator
+
+
+def _fail_row(row: Row, problem: str) -> None:
+    """End one row with an error of its request's own (the engine core reports it for that request alone)."""
+    row.handle.error = row.handle.error or S1KitError(problem)
+    row.trace.end("error")
 
 
 class LoopDecoder:
@@ -170,7 +174,7 @@ class LoopDecoder:
         due = [i for i, (r, p) in enumerate(zip(rows, proposals)) if r.trace.probe_due(p)]
         if due:  # early exit: probe before emitting; a settled answer closes thinking at this very step
             self._probe(due)
-        emitted = [r.trace.step(p) for r, p in zip(rows, proposals)]
+        emitted = [r.trace.step(p) if not r.trace.done else p for r, p in zip(rows, proposals)]
         keep = [i for i, r in enumerate(rows) if not r.trace.done]
         if len(keep) < len(rows):
             self._select(keep)
@@ -284,5 +288,9 @@ class LoopDecoder:
                 self._warpers[sp] = warp
             scores = warp(None, logits[i : i + 1].clone())
             probs = torch.softmax(scores, dim=-1)
+            if not bool(torch.isfinite(probs).all()):  # this row alone cannot sample: it fails, the others go on
+                _fail_row(r, "cannot sample: the next-token distribution is not finite (NaN or inf logits at "
+                             f"temperature {r.request.sampling.temperature})")
+                continue
             greedy[i] = int(torch.multinomial(probs, 1, generator=gen))
         return greedy

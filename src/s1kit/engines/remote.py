@@ -6,9 +6,13 @@ Two strategies, picked once per engine:
   one request per sample carries the whole policy in ``vllm_xargs`` and vLLM enforces it in its own decode
   loop; the returned tokens are replayed through ``BudgetState`` for the counts (``integrations/replay.py``).
   A start-up probe asks for a cap of 0 and checks that the server forced the closing text.
-- **stop and continue** everywhere else: the s1 loop (``engines.reference.loop_steps``) with every
-  ``complete`` call sent over HTTP: generate until a stop token or the remaining budget, then continue from
-  the whole prefix (the server's prefix cache makes that cheap).
+- **stop and continue** everywhere else, with the row's ``BudgetState`` as the authority: each server call
+  decodes freely until a stop token or as far as the machine lets proposals through (the cap and its grace
+  window, the answer budget, the next early-exit count point); the returned tokens are stepped through the
+  machine as the model's proposals and the first one it replaces (a Wait for a stop, the closing at a cap)
+  cuts them there; forced tokens are emitted locally and the next call continues from the whole prefix (the
+  server's prefix cache makes that cheap). Caps, minimums, Waits, graceful caps, early exit and stop-thinking
+  therefore behave exactly as in the in-process engine.
 
 Prompts go as token ids where the server takes them (vLLM, SGLang, llama-server) and as text otherwise
 (llama-cpp-python), with a warning. The tokenizer is loaded locally. One event-loop thread holds an
@@ -33,20 +37,21 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
-from ..budget import BudgetPolicy, Phase
+from ..budget import BudgetPolicy, BudgetState, Phase
 from ..errors import S1KitError
 from ..formats import ThinkingFormat, render_prompt
 from ..integrations.replay import replay
 from ..integrations.xargs import to_xargs
-from .base import Completion, ForcingCompiler, Request, SamplingParams, context_cap
+from ..forcing import ForcingCompiler, context_cap
+from .base import Completion, Request, SamplingParams
 from .core import EngineCore, Prepared, Row
-from .probe import ProbeResult, normalized_answer
-from .reference import ProbeCall, loop_steps
+from .probe import normalized_answer
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 PLUGIN = "s1kit.integrations.vllm:S1BudgetLogitsProcessor"
 # Servers that end on ``stop_token_ids`` (others get the stop tokens as strings too) and read "no top-k" as 0.
 STOP_ID_SERVERS = frozenset({"vllm", "sglang"})
+UNBOUNDED = 1 << 30  # max_tokens of a thinking call without a cap (the server's context ends it)
 
 
 class _HTTPError(S1KitError):
@@ -330,12 +335,11 @@ class RemoteEngine(EngineCore):
     def _forced_body(self, ids: list[int], policy: Any, fmt: ThinkingFormat, tokens: Any, cap: int | None,
                      sp: SamplingParams, seed: int) -> dict:
         """One request carrying the whole policy: ``max_tokens`` fits thinking, closing, answer and the end token."""
-        closing = len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
         if cap is None:
             raise S1KitError("a budget without max_thinking_tokens needs the server's context length: the server "
                              "does not list max_model_len, pass max_context")
         return {
-            "model": self.served_model, "prompt": ids, "max_tokens": cap + closing + policy.max_answer_tokens + 1,
+            "model": self.served_model, "prompt": ids, "max_tokens": cap + tokens.max_closing_len + policy.max_answer_tokens + 1,
             **self._sampling_fields(sp, seed), "skip_special_tokens": False, "return_token_ids": True,
             "vllm_xargs": to_xargs(policy, fmt),
         }
@@ -439,46 +443,69 @@ class RemoteEngine(EngineCore):
 
     # -- the stop-and-continue loop ---------------------------------------------------------------------
 
-    async def _loop_sequence(self, row: Row, run: _Run) -> tuple[Any, bool]:
-        """The s1 loop for one sequence, each ``complete`` call awaited over HTTP (nothing is ever guessed); the
-        row's trace grows after each call and the stepping thread hears of it (streaming)."""
-        job = row.prepared
-        steps = loop_steps(job.prompt_ids, row.request.policy, job.tokens, job.cap, trace=row.trace,
-                           close_thinking=lambda: run.close_thinking)
+    async def _loop_sequence(self, row: Row, run: _Run) -> None:
+        """One sequence over plain server calls, its ``BudgetState`` stepped over each call's tokens (see the
+        module); nothing is ever guessed. The row's trace is the state: it grows after each call and the stepping
+        thread hears of it (streaming)."""
+        job, policy = row.prepared, row.request.policy
+        state = row.trace = BudgetState(policy, job.tokens, job.cap)
+        every = policy.early_exit.every if policy.early_exit is not None else None
         calls = itertools.count(1)
-        call = next(steps)
         while True:
-            new = await (self._probe(row, call) if isinstance(call, ProbeCall) else self._complete(row, *call, calls))
-            try:
-                call = steps.send(new)
-            except StopIteration as done:
-                return done.value, False
+            if run.close_thinking:
+                run.close_thinking = False
+                state.stop_thinking()
+            while state.next_is_forced:  # a Wait being spelled out, the opener, a cap's closing
+                state.step(-1)
+            if state.done:
+                return
+            room = state.free_proposals()
+            if state.phase is Phase.THINK:
+                ask, stop = UNBOUNDED if room is None else room, job.tokens.stop_ids
+                if every:  # calls end at the next count point, where a probe is due
+                    ask = min(ask, every - len(state.thinking_ids) % every)
+            else:
+                ask, stop = room, job.tokens.end_ids
+            out = await self._complete(row, job.prompt_ids + state.token_ids, ask, stop, calls)
+            for proposed in out:
+                if state.probe_due(proposed):
+                    await self._probe(row, state)
+                if state.step(proposed) != proposed or state.done:
+                    break  # the machine acted (or ended): the rest of the call's tokens are not the sequence's
+            else:
+                if not out:  # the server can decode nothing more (its context is full)
+                    state.end("length")
+                elif len(out) < ask and out[-1] not in stop and state.phase is Phase.THINK:
+                    state.stop_thinking()  # it stopped early without a stop token: close as at a cap
             self._events.put((row, None))
 
-    async def _probe(self, row: Row, call: ProbeCall) -> ProbeResult:
-        """An early-exit probe: a greedy side request on the sequence's context (a server's prefix cache makes
-        the shared part cheap); its confidence is the mean probability of the tokens it returned (logprobs)."""
-        by_confidence = row.request.policy.early_exit.confidence is not None
-        body = self._body(call.ids, call.max_tokens, call.end_ids, SamplingParams(), row.seed)
-        if by_confidence:
+    async def _probe(self, row: Row, state: BudgetState) -> None:
+        """An early-exit probe of ``state`` now: a greedy side request on the sequence's context, the answer opener
+        and prefix (a server's prefix cache makes the shared part cheap); its confidence is the mean probability
+        of the tokens it returned (logprobs). The result goes to ``state.observe_probe``."""
+        ee, tokens = row.request.policy.early_exit, row.prepared.tokens
+        opener, prefix = state.probe_suffix()
+        ids = row.prepared.prompt_ids + state.token_ids + list(opener) + list(prefix)
+        body = self._body(ids, ee.probe_tokens, tokens.end_ids, SamplingParams(), row.seed)
+        if ee.confidence is not None:
             body["logprobs"] = 1
         choice, used = await self._complete_call(body)
-        ids = self._returned_ids(choice)
-        if ids is None:
-            ids = await self._retokenize(choice["text"])
-        answer = [i for i in ids if i not in call.end_ids and i not in self._special]
+        out = self._returned_ids(choice)
+        if out is None:
+            out = await self._retokenize(choice["text"])
+        answer = [i for i in out if i not in tokens.end_ids and i not in self._special]
         # decode steps, the end token's included (as the in-process probe counts them): the server's count if given
-        steps = min(used if used is not None else len(answer) + (choice["finish_reason"] == "stop"), call.max_tokens)
+        steps = min(used if used is not None else len(answer) + (choice["finish_reason"] == "stop"), ee.probe_tokens)
         confidence = 0.0
-        if by_confidence:
+        if ee.confidence is not None:
             logprobs = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
             if not logprobs and steps:
                 raise S1KitError(f"{self.base_url} returned no logprobs: early exit by confidence needs them "
                                  "(use agree=N with this server)")
             confidence = sum(math.exp(x) for x in logprobs) / len(logprobs) if logprobs else 0.0
         with self._tok_lock:
-            text = self.tokenizer.decode(call.prefix + answer, skip_special_tokens=True)
-        return ProbeResult(normalized_answer(text), confidence, call.suffix_len + steps)
+            text = self.tokenizer.decode(list(prefix) + answer, skip_special_tokens=True)
+        state.observe_probe(normalized_answer(text), confidence, len(opener) + len(prefix) + steps)
 
     async def _complete(self, row: Row, ids: list[int], max_new: int, stop: frozenset[int], calls: Any) -> list[int]:
         out: list[int] = []
@@ -550,9 +577,6 @@ class RemoteEngine(EngineCore):
         ids = self._encode(text)
         tokens = self.compile(request.format, request.policy)
         ee = request.policy.early_exit
-        if request.policy.cap_grace:  # refused, never silently ignored
-            raise S1KitError("a graceful cap runs in the in-process engine (--engine hf); the remote engine does not "
-                             "have it yet")
         if ee is not None and ee.words and self.server_kind not in STOP_ID_SERVERS:
             raise S1KitError("early-exit words need a server that stops on token ids (vLLM, SGLang); this one stops "
                              "on text, where a word cannot be told from the inside of another: probe every N tokens")
@@ -566,8 +590,9 @@ class RemoteEngine(EngineCore):
         return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + plugin, self.max_context))
 
     def _uses_plugin(self, request: Request) -> bool:
-        """Whether a request runs as one request on the server's processor: early exit needs the loop's probes."""
-        return bool(self.plugin) and request.policy.early_exit is None
+        """Whether a request runs as one request on the server's processor: early exit needs the loop's probes, and
+        a graceful cap the loop's machine (the processor's wire format carries neither)."""
+        return bool(self.plugin) and request.policy.early_exit is None and not request.policy.cap_grace
 
     def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
                  on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:

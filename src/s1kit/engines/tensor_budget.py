@@ -13,10 +13,11 @@ from typing import Sequence
 
 import torch
 
-from ..budget import BudgetPolicy, BudgetState, ForcingTokens
+from ..budget import BudgetPolicy, BudgetState, ForcingTokens, Kind
 
-# Kinds of emitted tokens (recorded per step; the host rebuilds thinking/answer texts from them).
-THINK, OPENER, PREFIX, ANSWER, END, NONE = 0, 1, 2, 3, 4, 5
+# Kinds of emitted tokens (recorded per step; the host rebuilds thinking/answer texts from them): the codes
+# of ``budget.Kind``, as plain ints for tensor ops.
+THINK, OPENER, PREFIX, ANSWER, END, NONE = (int(k) for k in Kind)
 # Phases, as in budget.Phase, plus PAUSE: held at an early-exit probe point until the host decides.
 P_THINK, P_ANSWER, P_DONE, P_PAUSE = 0, 1, 2, 3
 # Finish reasons.
@@ -130,6 +131,11 @@ class TensorBudget:
         else:
             self.resume[slot] = True
 
+    def stop_thinking(self, slot: int) -> None:
+        """Close the slot's thinking at its next step as ``BudgetState.stop_thinking`` does: the cap becomes the
+        thinking so far (so a grace window still lets the sentence end). A device op in stream order: no sync."""
+        self.cap[slot : slot + 1] = torch.minimum(self.cap[slot : slot + 1], self.n_think[slot : slot + 1])
+
     def free(self, slot: int) -> None:
         """Mark a slot unused (it emits nothing until loaded again)."""
         self.phase[slot] = P_DONE
@@ -218,8 +224,8 @@ class TensorBudget:
 
 def boundary_tables(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[V] bool tables, decoded once per tokenizer: does each token's text end with a newline; does it end a
-    sentence or a line (``base.ends_sentence``, where a graceful cap closes)."""
-    from .base import ends_sentence
+    sentence or a line (``forcing.ends_sentence``, where a graceful cap closes)."""
+    from ..forcing import ends_sentence
 
     n = min(vocab_size, len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in range(n)])

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..budget import BudgetPolicy, BudgetState, ForcingTokens, Phase
-from ..engines.base import ForcingCompiler, context_cap
+from ..forcing import ForcingCompiler, context_cap
 from ..errors import S1KitError
 from .replay import replay
 from .sampling import RowSampling, draw, uniform
@@ -217,9 +217,9 @@ class BudgetRows:
         try:
             return context_cap(policy, tokens, 0, limit - 1)
         except S1KitError:
-            closing = len(tokens.newline_ids + tokens.opener_ids + tokens.prefix_ids)
             raise ValueError(f"max_tokens={limit} leaves no room to answer: budget forcing needs max_tokens >= "
-                             f"{closing} (closing) + s1_max_answer_tokens ({policy.max_answer_tokens}) + 1") from None
+                             f"{tokens.max_closing_len} (closing) + s1_max_answer_tokens ({policy.max_answer_tokens}) "
+                             "+ 1") from None
 
     def _fail(self, row: _Row, problem: str) -> None:
         """Refuse a row: log why, write the reason as its output and end it (a budget is never silently dropped)."""

@@ -1,18 +1,19 @@
-"""The s1 stop-and-continue loop: the reference that the single-pass engine must match token for token.
+"""The s1 stop-and-continue loop: the test oracle that every engine must match token for token (DESIGN.md §2).
 
 It generates thinking until a stop token or the remaining cap, drops the stop, appends a wait string's
 tokens and generates again from the whole prefix, then appends the answer opener and generates the
-answer. Any ``complete(ids, max_new_tokens, stop_ids)`` backend can drive it: transformers'
-``generate`` here (tests, ``bench``), an OpenAI-compatible server in the remote engine.
+answer. Any ``complete(ids, max_new_tokens, stop_ids)`` backend can drive it: transformers' ``generate``
+here (tests, and the baseline of ``benchmarks/forcing_overhead.py``). It is written apart from
+``BudgetState`` on purpose, so that the two can check each other; it has no graceful cap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence
 
-from ..budget import BudgetPolicy, ForcingTokens
-from .probe import ProbeResult
+from s1kit.budget import BudgetPolicy, ForcingTokens, Trace
+from s1kit.engines.probe import ProbeResult
 
 # complete(prefix ids, max new tokens, stop ids) -> new ids, ending with the stop token if one was hit.
 Complete = Callable[[list[int], int, frozenset[int]], list[int]]
@@ -32,21 +33,6 @@ class ProbeCall:
     end_ids: frozenset[int]
 
 
-@dataclass
-class LoopTrace:
-    """What one stop-and-continue run produced (same fields as ``BudgetState``)."""
-
-    thinking_ids: list[int] = field(default_factory=list)
-    answer_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    waits_used: int = 0
-    hit_cap: bool = False
-    finish_reason: str | None = None
-    probe_tokens: int = 0
-    early_exit: bool = False
-    probe_answers: list[str] = field(default_factory=list)
-
-
 def stop_and_continue(
     prompt_ids: Sequence[int],
     policy: BudgetPolicy,
@@ -55,7 +41,7 @@ def stop_and_continue(
     cap: int | None = None,
     unbounded: int = 1 << 30,
     probe: Callable[[ProbeCall], ProbeResult] | None = None,
-) -> LoopTrace:
+) -> Trace:
     """Run the s1 loop for one prompt; ``cap`` overrides the policy's thinking cap (context window); ``probe``
     runs early-exit probes (needed when the policy has early exit)."""
     if policy.early_exit is not None and probe is None:
@@ -75,9 +61,9 @@ def loop_steps(
     tokens: ForcingTokens,
     cap: int | None = None,
     unbounded: int = 1 << 30,
-    trace: LoopTrace | None = None,
+    trace: Trace | None = None,
     close_thinking: Callable[[], bool] | None = None,
-) -> Generator[Call | ProbeCall, list[int] | ProbeResult, LoopTrace]:
+) -> Generator[Call | ProbeCall, list[int] | ProbeResult, Trace]:
     """The s1 loop as a generator: yields each ``complete`` call's arguments, is sent its new ids, returns the trace.
 
     ``stop_and_continue`` drives it with a plain function; the remote engine drives many at once on one
@@ -89,7 +75,7 @@ def loop_steps(
     starts one of the words (the words' first tokens are stop ids of the call), unless the proposal is a stop or
     the thinking is shorter than ``min_thinking_tokens``. A settled probe closes thinking before that proposal."""
     cap = policy.max_thinking_tokens if cap is None else cap
-    t = LoopTrace() if trace is None else trace
+    t = Trace() if trace is None else trace
     prompt = list(prompt_ids)
     ee = policy.early_exit
     probed_at = -1
@@ -139,27 +125,24 @@ def loop_steps(
     return (yield from _answer(t, prompt, list(opener), list(prefix), policy, tokens))
 
 
-def _probe(t: LoopTrace, prompt: list[int], policy: BudgetPolicy,
+def _probe(t: Trace, prompt: list[int], policy: BudgetPolicy,
            tokens: ForcingTokens) -> Generator[ProbeCall, ProbeResult, bool]:
     """Probe the thinking so far; True (and ``early_exit`` set) once the rule holds."""
     ends_nl = tokens.ends_with_newline(t.thinking_ids[-1]) if t.thinking_ids else tokens.prompt_ends_with_newline
     opener, prefix = tokens.cap_close_ids(ends_nl)
     res = yield ProbeCall(prompt + t.thinking_ids + list(opener) + list(prefix), len(opener) + len(prefix),
                           list(prefix), policy.early_exit.probe_tokens, tokens.end_ids)
-    t.probe_tokens += res.tokens
-    t.probe_answers.append(res.answer)
-    t.early_exit = policy.early_exit.settled(t.probe_answers, res.confidence)
-    return t.early_exit
+    return t.record_probe(policy.early_exit, res.answer, res.confidence, res.tokens)
 
 
 def _answer(
-    t: LoopTrace,
+    t: Trace,
     prompt: list[int],
     opener: list[int],
     prefix: list[int],
     policy: BudgetPolicy,
     tokens: ForcingTokens,
-) -> Generator[Call, list[int], LoopTrace]:
+) -> Generator[Call, list[int], Trace]:
     out = yield prompt + t.thinking_ids + opener + prefix, policy.max_answer_tokens, tokens.end_ids
     ended = bool(out) and out[-1] in tokens.end_ids
     t.answer_ids = prefix + (out[:-1] if ended else out)
@@ -190,7 +173,7 @@ def hf_probe(model: Any, tokenizer: Any, pad_token_id: int) -> Callable[[ProbeCa
     import torch
     from transformers import GenerationConfig
 
-    from .probe import normalized_answer
+    from s1kit.engines.probe import normalized_answer
 
     def probe(call: ProbeCall) -> ProbeResult:
         config = GenerationConfig(do_sample=False, max_new_tokens=call.max_tokens, eos_token_id=sorted(call.end_ids),
