@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 from .budget import BudgetPolicy
-from .engines.base import Request, SamplingParams
+from .engines.base import MIN_TEMPERATURE, Request, SamplingParams
+from .errors import S1KitError
 from .formats import get_format
 from .streaming import TextDeltas
 
@@ -79,9 +80,11 @@ class ChatSession:
             return self.settings()
         if name == "temperature":
             try:
-                self.sampling = replace(self.sampling, temperature=float(arg))
+                sampling = replace(self.sampling, temperature=float(arg))
             except ValueError:
-                raise ValueError("/temperature needs a number >= 0, e.g. /temperature 0.7") from None
+                raise ValueError(f"/temperature needs 0 (greedy) or a number of at least {MIN_TEMPERATURE:g}, "
+                                 f"e.g. /temperature 0.7 (got {arg!r})") from None
+            self.sampling = sampling
             return self.settings()
         if name == "reset":
             self.history.clear()
@@ -95,7 +98,9 @@ class ChatSession:
     def turn(self, text: str, on_thinking: Callable[[str], None], on_answer: Callable[[str], None]) -> Any:
         """One exchange: stream the thinking and the answer through the callbacks; the ``Completion``.
 
-        A ``KeyboardInterrupt`` while it decodes aborts it (the turn is not kept) and propagates."""
+        A ``KeyboardInterrupt`` while it decodes aborts it (the turn is not kept) and propagates; so does any
+        failure, after the engine is left with nothing of the turn (a failed step resets it, as the server does).
+        The conversation keeps only turns that ended."""
         messages = self.history + [{"role": "user", "content": text}]
         request = Request(messages, self.policy, self.format, self.sampling, self.system)
         thinking, answer = TextDeltas(self.engine.tokenizer, False), TextDeltas(self.engine.tokenizer, True)
@@ -114,8 +119,14 @@ class ChatSession:
                 while not handle.done:
                     if interrupted.is_set():
                         raise KeyboardInterrupt
-                    self.engine.step()
-        except KeyboardInterrupt:
+                    try:
+                        self.engine.step()
+                    except Exception as e:  # the step failed: its state may be half-updated
+                        fail = getattr(self.engine, "fail", None)
+                        if fail is not None:
+                            fail(e)
+                        raise
+        except BaseException:
             self.engine.abort(handle)
             raise
         [c] = handle.completions()
@@ -145,6 +156,13 @@ def _ctrl_c_between_steps() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _reason(e: BaseException) -> str:
+    """A failure as one line: the message of a user-facing error, the kind and message of anything else."""
+    if isinstance(e, (S1KitError, ValueError)):
+        return " ".join(str(e).split())
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def run_chat(session: ChatSession, console: Any, read: Callable[[str], str] = input) -> None:
     """The read-eval-print loop on ``console`` (rich): commands, turns, Ctrl-C and Ctrl-D."""
     console.print(f"[bold]s1kit chat[/] · {session.settings()} · /help for commands, Ctrl-D to leave")
@@ -165,8 +183,8 @@ def run_chat(session: ChatSession, console: Any, read: Callable[[str], str] = in
                 return
             try:
                 console.print(session.command(line), style="cyan", markup=False, highlight=False)
-            except ValueError as e:
-                console.print(f"error: {e}", style="red", markup=False, highlight=False)
+            except Exception as e:  # noqa: BLE001 - a bad command never ends the session
+                console.print(f"error: {_reason(e)}", style="red", markup=False, highlight=False)
             continue
         started = {"answer": False}
 
@@ -186,8 +204,9 @@ def run_chat(session: ChatSession, console: Any, read: Callable[[str], str] = in
         except KeyboardInterrupt:
             console.print("\n[stopped]", style="yellow", markup=False)
             continue
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            console.print(f"\nerror: {e}", style="red", markup=False, highlight=False)
+        except Exception as e:  # noqa: BLE001 - e.g. the conversation no longer fits the context: this turn only
+            console.print(f"\nerror: {_reason(e)} (the turn is dropped; the conversation so far is kept, /reset "
+                          "clears it)", style="red", markup=False, highlight=False)
             continue
         console.print()
         console.print(session.footer(c), style="cyan", markup=False, highlight=False)

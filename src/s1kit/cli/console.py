@@ -44,5 +44,13 @@ def print_summary(summary: dict, out: Path) -> None:
     for m, v in summary["methods"].items():
         sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
         console.print(f"{m}: Control {v['control']:.0%} · Scaling {sc} /thinking token · Performance {v['performance']:.1%}")
+    errors = summary.get("errors") or []
+    if errors:
+        console.print(f"{len(errors)} sample(s) could not run (left out of accuracy; listed in report.md):",
+                      style="yellow", markup=False, highlight=False)
+        for e in errors[:5]:
+            console.print(f"  item {e['item_id']} ({e['setting']}): {e['error']}", markup=False, highlight=False)
+        if len(errors) > 5:
+            console.print(f"  ... and {len(errors) - 5} more", markup=False, highlight=False)
     for name in ("summary.json", "scaling.png", "report.md"):
         console.print(f"wrote {out / name}", highlight=False)

@@ -11,6 +11,34 @@ import typer
 from ..engines.base import Engine
 
 
+def check_device(device: str | None) -> None:
+    """``S1KitError`` unless ``device`` (``--device``) is one this torch can run on here: ``cpu``, or a GPU it sees."""
+    if device is None:
+        return
+    import torch
+
+    from ..errors import S1KitError
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise S1KitError(f"--device {device}: not a device (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise S1KitError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} ({build}); "
+                             "use --device cpu")
+        if d.index is not None and d.index >= count:
+            raise S1KitError(f"--device {device}: no CUDA GPU {d.index} here (torch sees {count}: cuda:0 to "
+                             f"cuda:{count - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise S1KitError(f"--device {device}: no Apple GPU (MPS) is visible to torch; use --device cpu")
+    elif d.type != "cpu":
+        raise S1KitError(f"--device {device}: not a device s1kit runs on (use cpu, cuda or cuda:N)")
+
+
 @dataclass(frozen=True)
 class EngineChoice:
     """``--engine hf`` (in this process) or ``--engine remote --base-url URL``, with the options of each."""
@@ -40,6 +68,8 @@ class EngineChoice:
         check_engine(self.kind, self.base_url, **({} if self.tokenizer is None else {"tokenizer": self.tokenizer}))
         if self.kind == "hf" and self.plugin is not None:
             raise ValueError("--vllm-plugin is only used with --engine remote")
+        if self.kind == "hf":
+            check_device(self.device)
         if self.kind == "hf" and self.dtype is not None:
             torch_dtype(self.dtype)
 

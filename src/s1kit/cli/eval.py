@@ -81,14 +81,14 @@ def eval_(
     sampling = SamplingParams(temperature=temperature, seed=seed)
     check_samples(samples, sampling)
     fmt = get_format(format)
-    whole = load_benchmark(benchmark, None, question_field, answer_field, seed)
-    bench = whole.first(limit)
     engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
                           opt.plugin_choice(vllm_plugin))
     engine.check_options()
+    whole = load_benchmark(benchmark, None, question_field, answer_field, seed)
+    bench = whole.first(limit)
     asked = RunRecord.create(model, benchmark, whole.items, settings, limit, samples=samples, engine=engine_kind,
                              dtype=engine.precision(), question_field=question_field, answer_field=answer_field,
-                             format=fmt.name, temperature=temperature, seed=seed)
+                             format=fmt.name, sampling=sampling)
     with RunDir(out).writer() as run:
         try:
             record = run.extend(asked, whole.items)
@@ -106,6 +106,9 @@ def eval_(
         tally = {"n": 0, "ok": 0}
         with progress_bar(len(settings) * len(bench.items) * samples, "evaluating") as advance:
             def on_sample(rec: dict) -> None:
+                if "error" in rec:  # an item that cannot run: stored as such, not graded
+                    advance(1)
+                    return
                 tally["n"] += 1
                 tally["ok"] += rec["correct"]
                 advance(1, f"evaluating · acc {tally['ok'] / tally['n']:.1%}")

@@ -9,6 +9,7 @@ import typer
 from ..budget import BudgetPolicy
 from ..engines.base import Request, SamplingParams
 from ..errors import S1KitError
+from ..data.files import iter_jsonl
 from ..evaluate.sweep import parse_early_exit
 from ..formats import ThinkingFormat, as_messages, get_format
 from . import options as opt
@@ -60,16 +61,23 @@ def generate(
                           early_exit=parse_early_exit(early_exit) if early_exit else None)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=n)
     fmt = build_format(format, think_open, stop_token, answer_open)
-    items = list(prompts or []) + (read_prompts(input) if input else [])
+    choice = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
+                          opt.plugin_choice(vllm_plugin))
+    choice.check_options()
+    items = [(f"prompt {i}", p) for i, p in enumerate(prompts or [], 1)] + (sourced_prompts(input) if input else [])
     if not items:
         raise S1KitError("no prompt given (pass PROMPT arguments or --input FILE.jsonl)")
-    requests = [Request(p, policy, fmt, sampling, system) for p in items]
+    requests = [Request(p, policy, fmt, sampling, system) for _, p in items]
     for r in requests:
         as_messages(r.prompt, r.system)  # fail on empty prompts before loading a model
-    engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
-                          opt.plugin_choice(vllm_plugin)).open()
-    for r in requests:
-        engine.prepare(r)  # validates prompt and format before any decoding
+    engine = choice.open()
+    for (where, _), r in zip(items, requests):
+        try:
+            engine.prepare(r)  # validates prompt and format before any decoding
+        except Exception as e:  # too long, or a chat template that refuses the messages: name the prompt
+            if not isinstance(e, (S1KitError, ValueError)) and type(e).__name__ != "TemplateError":
+                raise
+            raise S1KitError(f"{where}: {e}" if input else str(e)) from None
     with progress_bar(len(requests) * n, "generating") as advance:
         completions = engine.generate(requests, on_progress=advance)
     for c in completions:
@@ -95,28 +103,66 @@ def build_format(fmt: str, think_open: str | None, stop_tokens: list[str] | None
 
 
 def read_prompts(path: Path) -> list:
-    """Prompts from a JSONL file: each line has ``prompt``, ``messages``, ``question`` or ``problem``."""
+    """Prompts from a JSONL file: each line has ``prompt`` (text), ``messages`` (a list of ``{"role", "content"}``
+    objects with text values), ``question`` or ``problem``; ``S1KitError`` naming the file and line otherwise."""
+    return [p for _, p in sourced_prompts(path)]
+
+
+def sourced_prompts(path: Path) -> list[tuple[str, str | list[dict[str, str]]]]:
+    """``read_prompts`` with each prompt's ``file:line``."""
     if not path.is_file():
         raise S1KitError(f"{path}: no such file")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise S1KitError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec, error in iter_jsonl(path):
+        if error:
+            raise S1KitError(f"{path}:{n}: {error}")
         if not isinstance(rec, dict):
-            raise S1KitError(f"{path}:{n}: expected a JSON object")
-        for key in ("messages", "prompt", "question", "problem"):
-            if key in rec:
-                prompts.append(rec[key])
-                break
-        else:
+            raise S1KitError(f"{path}:{n}: expected a JSON object, got {_kind(rec)}")
+        key = next((k for k in ("messages", "prompt", "question", "problem") if k in rec), None)
+        if key is None:
             raise S1KitError(f"{path}:{n}: no 'prompt', 'messages', 'question' or 'problem' field")
+        prompts.append((f"{path}:{n}", _prompt(rec[key], key, f"{path}:{n}")))
     if not prompts:
         raise S1KitError(f"{path}: no prompts")
     return prompts
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text_ok(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")  # a lone surrogate ("\ud800" in the JSON) no tokenizer takes
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _prompt(value: object, key: str, where: str) -> str | list[dict[str, str]]:
+    """One record's prompt, checked: text, or a message list."""
+    if key != "messages":
+        if not _text_ok(value):
+            raise S1KitError(f"{where}: {key!r} must be text, got {_kind(value)}")
+        if not value.strip():
+            raise S1KitError(f"{where}: {key!r} is empty")
+        return value
+    shape = "'messages' must be a list of {\"role\": \"system|user|assistant\", \"content\": TEXT} objects"
+    if not isinstance(value, list) or not value:
+        raise S1KitError(f"{where}: {shape}, got {_kind(value) if value != [] else 'an empty list'}")
+    messages = []
+    for m in value:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and _text_ok(m.get("content"))):
+            raise S1KitError(f"{where}: {shape}, got an item {json.dumps(m, ensure_ascii=True)[:60]}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise S1KitError(f"{where}: 'messages' has no non-empty user message")
+    return messages
 
 
 def show(c) -> None:

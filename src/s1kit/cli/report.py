@@ -31,6 +31,8 @@ def report(
                 "items": record.limit if items is None else len(items), "samples": record.samples}
         summary = write_report(run.path, record.settings, meta, items, None if items is None else record.samples)
     counts = {row["setting"]: row["n"] for row in summary["settings"]}
+    for e in summary.get("errors") or []:  # a sample that could not run is done too
+        counts[e["setting"]] = counts.get(e["setting"], 0) + 1
     expected = None if items is None else len(items) * record.samples
     for s in record.settings:
         if expected is not None and counts.get(s.key, 0) < expected:

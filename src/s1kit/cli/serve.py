@@ -38,6 +38,9 @@ def serve(
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     vllm_plugin: opt.VllmPlugin = "auto",
+    drain_timeout: float = typer.Option(30.0, help="On SIGTERM or Ctrl-C: seconds the requests in flight get to "
+                                                   "finish; then each still running ends with a 503 error (in its "
+                                                   "stream, as the last event). New requests are refused at once."),
 ) -> None:
     """Serve an OpenAI-compatible API (chat and text completions) with per-request thinking budgets."""
     import socket
@@ -50,26 +53,27 @@ def serve(
         raise S1KitError(f"--max-model-len must be >= 64, got {max_model_len}")
     if api_key is not None and not api_key.strip():
         raise S1KitError("--api-key must not be empty")
+    if not drain_timeout >= 0:
+        raise S1KitError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     fmt = get_format(format)
+    choice = EngineChoice(model, engine_kind, base_url, tokenizer, api_key=upstream_api_key, device=device,
+                          dtype=dtype, batch_size=max_batch_size, plugin=opt.plugin_choice(vllm_plugin))
+    choice.check_options()
     require_extra("serve", "fastapi", "uvicorn")
-    import uvicorn
     try:  # fail now, not after loading the model
         with socket.create_server((host, port)):
             pass
     except OSError as e:
         raise S1KitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    choice = EngineChoice(model, engine_kind, base_url, tokenizer, api_key=upstream_api_key, device=device,
-                          dtype=dtype, batch_size=max_batch_size, plugin=opt.plugin_choice(vllm_plugin))
     if engine_kind != "hf" and max_model_len is not None:
         raise S1KitError("--max-model-len is only used with --engine hf (a remote server has its own)")
     engine = choice.open(**({"max_model_len": max_model_len} if engine_kind == "hf" else {}))
     if engine_kind == "hf":
         engine.warm_up()  # one cache length; compile and capture before the first request, not during it
-    from ..serve import create_app
+    from ..serve.app import create_app, make_server
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
     name = served_model_name or model
     typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
-    uvicorn.run(create_app(engine, name, api_key=api_key, format=fmt), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    make_server(create_app(engine, name, api_key=api_key, format=fmt), host, port, drain_timeout).run()

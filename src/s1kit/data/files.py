@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
@@ -34,15 +35,32 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         raise S1KitError(f"{path}: not a readable CSV file ({e})") from None
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, record, None)`` per non-blank line of a JSONL file, or ``(line number, None, reason)`` for a
+    line that is not UTF-8 text or not JSON; callers choose to fail or to skip it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            yield (n, *_parse_line(raw))
+
+
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """A JSONL line's value, or None and why it is not one (blank lines are ``(None, None)`` and skipped)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start + 1} of the line)"
+    if not line.strip():
+        return None, "blank"
+    try:
+        return json.loads(line), None
+    except (json.JSONDecodeError, RecursionError) as e:
+        return None, f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line), None
-            except (json.JSONDecodeError, RecursionError) as e:
-                yield n, None, f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
+    for n, rec, error in iter_jsonl(path):
+        if error != "blank":
+            yield n, rec, error
 
 
 def _json_list(path: Path) -> list:
@@ -72,30 +90,84 @@ def _parquet_rows(path: Path) -> list:
         raise S1KitError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
-def read_appended(path: Path) -> Iterator[dict]:
-    """The records of an append-only JSONL log, skipping a line cut short by a kill (its work is redone)."""
+def read_appended(path: Path, keys: Iterable[str] = ()) -> Iterator[dict]:
+    """The records of an append-only JSONL log (each a JSON object with ``keys``).
+
+    A last line without its newline that is not a whole record is what a kill mid-write leaves (cut anywhere, even
+    inside a UTF-8 character): it is skipped, its work is redone, and ``open_append`` removes it. So is such a
+    fragment that an older s1kit left inside the file (it resumed on a new line after it). Any other line that is
+    not a record is an ``S1KitError`` naming the file and line: it was not written by a crash, and guessing past
+    it could lose or double results."""
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+    keys = tuple(keys)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            rec, error = _parse_line(raw)
+            if error == "blank":
                 continue
+            if error is not None:
+                if not raw.endswith(b"\n") or _torn(raw):
+                    continue
+                raise S1KitError(f"{path}:{n}: {error}; this line was not written by s1kit (delete it to go on)")
+            if not isinstance(rec, dict):
+                raise S1KitError(f"{path}:{n}: not a JSON object ({json.dumps(rec)[:40]}); this line was not written "
+                                 "by s1kit (delete it to go on)")
+            missing = [k for k in keys if k not in rec]
+            if missing:
+                raise S1KitError(f"{path}:{n}: not a sample record (no {', '.join(map(repr, missing))}); this line "
+                                 "was not written by s1kit (delete it to go on)")
+            yield rec
+
+
+def _torn(raw: bytes) -> bool:
+    """Whether a line is a record cut short: a JSON object that is whole up to where the line ends (then only the
+    newline that a resumed run put after it), ending inside a string, a number or a UTF-8 character."""
+    body = raw.rstrip(b"\r\n")
+    if not body.startswith(b"{"):
+        return False
+    text = body.decode("utf-8", errors="ignore")  # a character cut at the end is dropped
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        rest = text[e.pos:].strip()
+        return (e.msg.startswith("Unterminated string") or not rest or any(w.startswith(rest) for w in _LITERALS)
+                or re.fullmatch(r"-?\d*\.?\d*(?:[eE][-+]?\d*)?", rest) is not None)
+    return False
+
+
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 
 
 def open_append(path: Path) -> TextIO:
-    """Open an append-only JSONL log for appending, on a fresh line if a kill left a partial one."""
+    """Open an append-only JSONL log for appending, repaired first (``repair_appended``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torn = False
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, 2)
-            torn = f.read(1) != b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if torn:
-        f.write("\n")
-    return f
+    repair_appended(path)
+    return open(path, "a", encoding="utf-8")
+
+
+def repair_appended(path: Path) -> None:
+    """Repair what a kill mid-write leaves at the end of an append-only JSONL log: a last line cut short is removed
+    (so that every line parses again); a whole last record without its newline gets one. The caller is its only
+    writer."""
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb+") as f:
+            size = f.seek(0, 2)
+            start = max(0, size - (1 << 20))
+            while True:  # find the start of the last line
+                f.seek(start)
+                tail = f.read(size - start)
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or start == 0:
+                    break
+                start = max(0, start - (1 << 20))
+            if not tail.endswith(b"\n"):
+                last = tail[cut + 1:]
+                rec, error = _parse_line(last)
+                if error is None and isinstance(rec, dict):
+                    f.write(b"\n")  # a whole record: keep it
+                else:
+                    f.truncate(start + cut + 1)  # a torn fragment: gone
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

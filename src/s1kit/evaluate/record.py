@@ -9,6 +9,7 @@ the fields that differ, and writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -18,17 +19,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..data.benchmarks import Item, load_benchmark
+from ..data.benchmarks import REGISTRY, Item, load_benchmark
 from ..data.files import read_appended, write_jsonl
+from ..engines.base import SamplingParams
 from ..data.grading import GRADER_VERSION, Grader
 from ..errors import S1KitError
-from .sweep import Setting, grade_samples, setting_from_json, setting_to_json
+from .sweep import SAMPLE_KEYS, Setting, grade_samples, is_error, setting_from_json, setting_to_json
 
 RECORD_FORMAT = 2  # 1: s1kit before run records (model, benchmark, format, temperature and settings only)
 CONFIG, SAMPLES, LOCK = "config.json", "samples.jsonl", ".lock"
-# Fields that must match for a rerun to resume; the selection (items, samples, settings) may grow instead.
-IDENTITY = ("model", "engine", "dtype", "benchmark", "question_field", "answer_field", "format", "temperature",
-            "top_p", "top_k", "seed", "max_tries", "grader")
+# The fields of a record that a rerun may grow (the selection: items, samples, settings), and its format number.
+# Every other field is the run's identity and must match for a rerun to resume: a field added to RunRecord is
+# compared without being listed anywhere, and so is every field of every setting and its policy.
+GROWS = ("settings", "items", "items_sha256", "limit", "samples", "record")
 # Policy fields that are the run's, not a setting's: one answer budget and answer prefix per run.
 RUN_POLICY = ("max_answer_tokens", "answer_prefix")
 
@@ -86,11 +89,19 @@ class RunRecord:
 
     @classmethod
     def create(cls, model: str, benchmark: str, items: Sequence[Item], settings: Sequence[Setting],
-               limit: int | None = None, **fields: Any) -> "RunRecord":
-        """The record of a run over the first ``limit`` of ``items`` (all of the benchmark, in order)."""
+               limit: int | None = None, sampling: SamplingParams | None = None, **fields: Any) -> "RunRecord":
+        """The record of a run over the first ``limit`` of ``items`` (all of the benchmark, in order). ``sampling``
+        gives every sampling field (but ``n``: a run has ``samples``); a benchmark file is recorded by its absolute
+        path, so that ``report --regrade`` finds it from any directory."""
+        if sampling is not None:
+            given = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling) if f.name != "n"}
+            unknown = sorted(given.keys() - cls.__dataclass_fields__.keys())
+            if unknown:  # a new sampling field must be recorded (and so compared) before any run can use it
+                raise TypeError(f"RunRecord does not record the sampling field(s) {', '.join(unknown)}")
+            fields = {**given, **fields}
         chosen = list(items[:limit] if limit else items)
-        return cls(model=model, benchmark=benchmark, settings=tuple(settings), items=tuple(it.id for it in chosen),
-                   items_sha256=fingerprint(chosen), limit=limit, **fields)
+        return cls(model=model, benchmark=benchmark_ref(benchmark), settings=tuple(settings),
+                   items=tuple(it.id for it in chosen), items_sha256=fingerprint(chosen), limit=limit, **fields)
 
     def to_json(self) -> dict:
         """``config.json``'s content (the settings and the item ids last: they are the long part)."""
@@ -121,8 +132,9 @@ class RunRecord:
         if self.items is None:
             raise RunNotResumable(f"{where / CONFIG} was written before run records and does not say which items, seed "
                                   "and grader its samples used (s1kit report still reads it)")
-        diffs = [(name, getattr(self, name), getattr(asked, name)) for name in IDENTITY
-                 if getattr(self, name) != getattr(asked, name)]
+        diffs = [(name, getattr(self, name), getattr(asked, name)) for name in identity_fields()
+                 if getattr(self, name) != getattr(asked, name)
+                 and not (name == "benchmark" and same_benchmark(self.benchmark, asked.benchmark))]
         for name in RUN_POLICY:
             mine = {getattr(s.policy, name) for s in self.settings}
             theirs = {getattr(s.policy, name) for s in asked.settings}
@@ -132,23 +144,55 @@ class RunRecord:
         for s in asked.settings:
             if s.key in recorded:
                 old, new = _fields_of(recorded[s.key]), _fields_of(s)
-                diffs += [(f"{name} of {s.key}", old[name], new[name]) for name in old if old[name] != new[name]]
+                diffs += [(f"{name} of {s.key}", old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys())
+                          if old.get(name, _ABSENT) != new.get(name, _ABSENT)
+                          and (name in old and name in new or not name.startswith("early_exit."))]
         n = len(self.items)
         if [it.id for it in items[:n]] != list(self.items) or fingerprint(items[:n]) != self.items_sha256:
             diffs.append(("benchmark items", f"{n} recorded", "changed (another or an edited file)"))
         if diffs:
             raise RunMismatch(where, diffs)
         longer = max(n, len(asked.items or ()))
-        return replace(self, settings=self.settings + tuple(s for s in asked.settings if s.key not in recorded),
+        # a benchmark file with the same items may have moved: record where it loads now
+        return replace(self, benchmark=asked.benchmark,
+                       settings=self.settings + tuple(s for s in asked.settings if s.key not in recorded),
                        items=tuple(it.id for it in items[:longer]), items_sha256=fingerprint(items[:longer]),
                        limit=None if None in (self.limit, asked.limit) else max(self.limit, asked.limit),
                        samples=max(self.samples, asked.samples))
 
 
+_ABSENT = object()
+
+
+def identity_fields() -> list[str]:
+    """The record's fields that a rerun must match: all of them but those that grow (``GROWS``)."""
+    return [name for name in RunRecord.__dataclass_fields__ if name not in GROWS]
+
+
+def benchmark_ref(benchmark: str) -> str:
+    """A registered benchmark's name as it is; a file's absolute path (the record must not depend on the
+    directory the eval ran in)."""
+    if benchmark in REGISTRY:
+        return benchmark
+    return os.path.abspath(os.path.expanduser(benchmark))
+
+
+def same_benchmark(recorded: str, asked: str) -> bool:
+    """Whether two benchmark references may hold the same items: the same name, or two files (a file's path is
+    where it is, not what it holds: its items are compared by their fingerprint)."""
+    return recorded == asked or (recorded not in REGISTRY and asked not in REGISTRY)
+
+
 def _fields_of(setting: Setting) -> dict:
-    """A setting's fields, its policy's flattened in, but the run's own (compared once for the whole run)."""
+    """Every field of a setting, its policy's and early-exit rule's flattened in (``early_exit.every``), but the
+    run's own (compared once for the whole run)."""
     d = setting_to_json(setting)
-    return {**{k: v for k, v in d.pop("policy").items() if k not in RUN_POLICY}, **d}
+    policy = d.pop("policy")
+    rule = policy.pop("early_exit", None)
+    flat = {k: v for k, v in policy.items() if k not in RUN_POLICY}
+    flat["early_exit"] = None if rule is None else "on"
+    flat.update({f"early_exit.{k}": v for k, v in (rule or {}).items()})
+    return {**flat, **d}
 
 
 def _one(values: set) -> Any:
@@ -262,11 +306,16 @@ def regrade_run(out: Path | str) -> dict:
         bench = load_benchmark(record.benchmark, None, record.question_field, record.answer_field, record.seed or 0)
     except S1KitError as e:
         reason = str(e).split(";")[0]  # without a remedy that names options of another command
-        raise S1KitError(f"cannot regrade {run.path}: its benchmark {record.benchmark!r} does not load ({reason})") from e
+        where = ("" if os.path.isabs(record.benchmark) or record.benchmark in REGISTRY else
+                 "; its path was recorded relative to the directory that run's eval ran in (an older s1kit): rerun "
+                 "that eval once with the benchmark's path, from anywhere, to record it in full")
+        raise S1KitError(f"cannot regrade {run.path}: its benchmark {record.benchmark!r} does not load "
+                         f"({reason}){where}") from e
     if record.items is not None and fingerprint(bench.items[:len(record.items)]) != record.items_sha256:
         raise S1KitError(f"cannot regrade {run.path}: the items of {record.benchmark!r} changed since the run")
     items = {it.id: it for it in bench.items}
-    records = list(read_appended(run.samples))
+    stored = list(read_appended(run.samples, SAMPLE_KEYS))
+    records = [r for r in stored if not is_error(r)]  # a sample that could not run has nothing to grade
     missing = sorted({r["item_id"] for r in records} - items.keys())
     if missing:
         raise S1KitError(f"cannot regrade {run.path}: {len(missing)} sample item(s) are not in {record.benchmark!r}, "
@@ -281,6 +330,6 @@ def regrade_run(out: Path | str) -> dict:
     for rec, gold, (pred, source, ok) in zip(records, golds, graded):
         changed += rec.get("prediction") != pred or rec.get("correct") != ok
         rec.update(gold=gold if isinstance(gold, str) else list(gold), prediction=pred, graded=source, correct=ok)
-    write_jsonl(run.samples, records)
+    write_jsonl(run.samples, stored)
     run.write(replace(record, grader=GRADER_VERSION))
     return {"samples": len(records), "changed": changed, "correct": sum(ok for *_, ok in graded)}

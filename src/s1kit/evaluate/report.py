@@ -9,21 +9,24 @@ from typing import Sequence
 
 from ..plots import saved_figure
 from .metrics import SCALING_UNIT, method_metrics, summarize
-from .sweep import METHODS, SampleStore, Setting, selected
+from .sweep import METHODS, SampleStore, Setting, is_error, selected
 
 
 def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: dict | None = None) -> dict:
     """Per-setting rows and per-method Control/Scaling/Performance; top level is budget forcing's."""
     by_setting: dict[str, list[dict]] = defaultdict(list)
+    failed: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_setting[r["setting"]].append(r)
-    rows = []
+        (failed if is_error(r) else by_setting)[r["setting"]].append(r)
+    rows, errors = [], []
     for s in settings:
         recs = by_setting.get(s.key)
+        errors += [{"setting": s.key, "item_id": r["item_id"], "sample": r["sample"], "error": r["error"]}
+                   for r in failed.get(s.key, [])]
         if not recs:
             continue
         rows.append({"setting": s.key, "method": s.method, "label": s.label, "lo": s.lo, "hi": s.hi,
-                     **summarize(recs, s.lo, s.hi)})
+                     **summarize(recs, s.lo, s.hi), "errors": len(failed.get(s.key, []))})
     methods = {}
     for m in METHODS:
         mrows = [r for r in rows if r["method"] == m]
@@ -38,6 +41,7 @@ def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: di
         "scaling": head.get("scaling"),
         "performance": head.get("performance"),
         "scaling_unit": SCALING_UNIT,
+        "errors": errors,  # samples that could not run (their item, e.g. too long): not in any accuracy
     }
 
 
@@ -104,6 +108,12 @@ def render_markdown(summary: dict) -> str:
     if blank:
         lines += ["", f"{blank} sample(s) ended their turn while thinking, with a blank answer: their thinking was "
                   "graded instead."]
+    errors = summary.get("errors") or []
+    if errors:
+        lines += ["", f"{len(errors)} sample(s) could not run and are left out of every accuracy above:", ""]
+        lines += [f"- item `{e['item_id']}` ({e['setting']}, sample {e['sample']}): {e['error']}" for e in errors[:50]]
+        if len(errors) > 50:
+            lines.append(f"- ... and {len(errors) - 50} more (samples.jsonl has them all, with an `error` field)")
     lines += ["", f"Scaling is the paper's raw slope, in {SCALING_UNIT}; Control counts the settings whose mean "
               "thinking tokens stay within the bounds they asked for.", "", "![scaling](scaling.png)", ""]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..budget import BudgetPolicy, EarlyExit
 from ..data.benchmarks import MC_LETTERS, Benchmark, Item
-from ..data.files import open_append, read_appended
+from ..data.files import open_append, read_appended, repair_appended
 from ..data.grading import Gold, Grader, extract_answer, extract_choice, golds_of
 from ..engines.base import Completion, Engine, Request, SamplingParams
 from ..errors import S1KitError, require_int
@@ -163,13 +163,17 @@ def _budget_settings(base: BudgetPolicy, caps: Sequence[int | None], minimums: S
     return out
 
 
+SAMPLE_KEYS = ("setting", "item_id", "sample")  # what keys a stored sample
+
+
 class SampleStore:
     """Append-only JSONL of graded samples keyed by (setting, item, sample)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        repair_appended(path)
         self.records: dict[tuple[str, str, int], dict] = {
-            (rec["setting"], rec["item_id"], rec["sample"]): rec for rec in read_appended(path)}
+            (rec["setting"], rec["item_id"], rec["sample"]): rec for rec in read_appended(path, SAMPLE_KEYS)}
         self._file = None
 
     def __contains__(self, key: tuple[str, str, int]) -> bool:
@@ -198,26 +202,48 @@ class _Job:
     tries: int = 1
 
 
+def _template_error() -> type[BaseException]:
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # pragma: no cover - chat templates need jinja2
+        return S1KitError
+    return TemplateError
+
+
+# What preparing a request raises when it cannot run: too long for the context, a bad format, a chat template that
+# refuses the messages (jinja2's TemplateError).
+CANNOT_RUN = (S1KitError, ValueError, _template_error())
+
+
+def cannot_run(e: BaseException) -> str:
+    """Why a request cannot run, in one line."""
+    if isinstance(e, (S1KitError, ValueError)):
+        return str(e)
+    return f"the model's chat template refused it: {e}"
+
+
 def _seed(base: int, *parts: object) -> int:
     digest = hashlib.sha256(":".join(map(str, (base, *parts))).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
 def setting_to_json(s: Setting) -> dict:
-    """A JSON-ready form of a setting (kept in ``config.json`` so ``s1kit report`` can rebuild it)."""
-    d = asdict(s)
-    d["policy"]["wait_strings"] = list(s.policy.wait_strings)
-    if s.policy.early_exit is None:  # records of runs without early exit keep their former shape
-        del d["policy"]["early_exit"]
-    else:
-        d["policy"]["early_exit"]["words"] = list(s.policy.early_exit.words)
-    if not s.policy.cap_grace:
-        del d["policy"]["cap_grace"]
-    return d
+    """A JSON-ready form of a setting, complete: every field of it and of its policy (kept in ``config.json`` so
+    that ``s1kit report`` can rebuild it and a rerun can compare all of it)."""
+    return _jsonable(asdict(s))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def setting_from_json(d: dict) -> Setting:
-    """Inverse of ``setting_to_json``."""
+    """Inverse of ``setting_to_json``; a field that an older record lacks takes its default (the value runs had
+    before the field existed)."""
     policy = dict(d["policy"])
     if policy.get("early_exit") is not None:
         policy["early_exit"] = EarlyExit(**policy["early_exit"])
@@ -268,12 +294,51 @@ class Sweep:
             self.on_sample(rec)
         return rec
 
+    def fail(self, job: _Job, reason: str) -> dict:
+        """Store an error row for a job that cannot run (its item, e.g. too long for the model's context): it is
+        done (a rerun does not retry it), shown by the report and left out of accuracy."""
+        gold = job.item.gold if isinstance(job.item.gold, str) else list(job.item.gold)
+        rec = {"setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
+               "item_id": job.item.id, "sample": job.sample, "gold": gold, "error": reason, "tries": job.tries}
+        self.store.add(rec)
+        if self.on_sample:
+            self.on_sample(rec)
+        return rec
+
     def run(self, engine: Engine, chunk: int) -> None:
         """Generate every queued job, ``chunk`` requests per engine call (mixed settings decode together); each
-        sample is graded and stored the moment its row ends (a kill loses only the rows still decoding)."""
+        sample is graded and stored the moment its row ends (a kill loses only the rows still decoding). A job
+        whose request the engine cannot prepare (its item too long, a template refusing it) becomes an error row
+        and the others run; a setting that no item could run (e.g. an answer budget beyond the context) stops
+        the run before anything is stored."""
+        prepare = getattr(engine, "prepare", None)
+        if prepare is not None:
+            self._check_settings(prepare)
         while self.queue:
             jobs = [self.queue.popleft() for _ in range(min(chunk, len(self.queue)))]
-            engine.generate([self.request(j) for j in jobs], on_complete=lambda c: self.finish(jobs[c.request_index], c))
+            runnable = []
+            for j in jobs:
+                request = self.request(j)
+                if prepare is not None:
+                    try:
+                        prepare(request)
+                    except CANNOT_RUN as e:
+                        self.fail(j, cannot_run(e))
+                        continue
+                runnable.append((j, request))
+            if runnable:
+                engine.generate([r for _, r in runnable],
+                                on_complete=lambda c, runnable=runnable: self.finish(runnable[c.request_index][0], c))
+
+    def _check_settings(self, prepare: Callable[[Request], Any]) -> None:
+        """Prepare a one-line question under every setting still to run: what fails there is the setting's (its
+        format, its answer budget), not an item's, and is an error for the whole run."""
+        for setting in {j.setting.key: j.setting for j in self.queue}.values():
+            probe = _Job(setting, Item("check", "What is 1+1?", "2"), 0)
+            try:
+                prepare(self.request(probe))
+            except CANNOT_RUN as e:
+                raise S1KitError(f"setting {setting.key} cannot run on this model: {cannot_run(e)}") from None
 
 
 def run_sweep(
@@ -314,6 +379,11 @@ def check_samples(samples: int, sampling: SamplingParams) -> None:
     require_int("samples", samples)
     if samples > 1 and sampling.greedy:
         raise S1KitError("samples > 1 needs temperature > 0 (greedy decoding repeats the same sample)")
+
+
+def is_error(rec: dict) -> bool:
+    """Whether a stored record is an error row (a sample that could not run) rather than a graded sample."""
+    return "error" in rec
 
 
 def selected(records: Iterable[dict], settings: Sequence[Setting], item_ids: Iterable[str] | None = None,

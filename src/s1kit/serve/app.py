@@ -93,6 +93,10 @@ class _Api:
                           param="model", code="model_not_found")
         if self.worker is None:
             return _error(503, "the server is not ready", "server_error")
+        refused = body.refusal(getattr(self.engine, "max_context", None))
+        if refused is not None:
+            param, message = refused
+            return _error(400, message, param=param, code="invalid_value")
         chat = isinstance(body, ChatCompletionRequest)
         policy, sampling = body.policy(), body.sampling()
         job = Job([Request(p, policy, self.fmt, sampling) for p in body.prompts()], stream=body.stream)
@@ -140,14 +144,25 @@ class _Api:
         self.worker.stop_thinking(job)
         return {"id": request_id, "object": "thinking.stop", "stopped": True}
 
-    async def _next(self, job: Job, http: HTTPRequest) -> Any:
-        """The job's next event; cancels the job and raises ``_ClientGone`` if the client disconnects."""
+    async def _next(self, job: Job, http: HTTPRequest | None = None) -> Any:
+        """The job's next event; raises ``_ClientGone`` if the client disconnects (``http`` given). A worker that
+        stopped without answering the job answers it here: a request never waits for good."""
         while True:
             try:
                 return await asyncio.wait_for(job.next_event(), _DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await http.is_disconnected():
+                if http is not None and await http.is_disconnected():
                     raise _ClientGone from None
+                worker = self.worker
+                if (worker is None or not worker.alive) and not job.answered:
+                    job.finished = True
+                    reason = worker.error if worker is not None and worker.error else "the engine worker stopped"
+                    return JobError(500, f"the engine failed: {reason}", "server_error")
+
+    def drain(self, timeout: float) -> None:
+        """Shutting down (SIGTERM): refuse new requests, end those still running after ``timeout`` seconds."""
+        if self.worker is not None:
+            self.worker.drain(timeout)
 
     def _response(self, completions: list[Completion], rid: str, chat: bool) -> dict:
         choices = []
@@ -200,7 +215,7 @@ class _Api:
                     if body.include_usage:
                         yield chunk([], usage=_usage(event))
                     break
-                event = await job.next_event()
+                event = await self._next(job)
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away mid-stream: then its work stops
             self._done(job, ids)
@@ -232,6 +247,7 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         api.worker = EngineWorker(engine)
         app.state.worker = api.worker
+        app.state.drain = api.drain
         try:
             yield
         finally:
@@ -253,11 +269,16 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
         return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
-    async def health() -> dict:
-        """Liveness and the engine worker's counters (requests, running, completed, cancelled, tokens)."""
+    async def health() -> Any:
+        """Liveness and the engine worker's counters (requests, running, completed, cancelled, tokens): 200 with
+        ``status: ok`` while requests are served, else 503 with ``starting``, ``draining`` (shutting down) or
+        ``error`` (the engine failed beyond repair; ``error`` says how)."""
         w = api.worker
         stats = dict(w.stats, queued=w.queued) if w else {}
-        return {"status": "ok" if w else "starting", "model": model_name, **stats}
+        status = w.status if w else "starting"
+        extra = {k: v for k, v in (("error", w and w.error), ("last_error", w and w.last_error)) if v}
+        return JSONResponse({"status": status, "model": model_name, **extra, **stats},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -283,3 +304,23 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
         return api.stop_thinking(request_id)
 
     return app
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
+                **uvicorn_options: Any) -> Any:
+    """A uvicorn server for ``app`` that shuts down gracefully: on SIGTERM or Ctrl-C it stops taking connections and
+    requests, lets the requests in flight finish for up to ``drain_timeout`` seconds, then ends the rest with an
+    OpenAI-shaped 503 (a stream gets it as its last event, then ``[DONE]``). A second Ctrl-C exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            drain = getattr(app.state, "drain", None)
+            if drain is not None and not self.should_exit:
+                drain(drain_timeout)
+            super().handle_exit(sig, frame)
+
+    options = {"log_level": "warning", **uvicorn_options}
+    # uvicorn cancels what still runs after its own timeout: ours ends first, so every request gets its answer
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout) + 10, **options)
+    return DrainingServer(config)

@@ -169,6 +169,12 @@ class _GenerationRequest(BaseModel):
             data[key] = value
         return data
 
+    @field_validator("temperature")
+    @classmethod
+    def _sampleable(cls, value: float) -> float:
+        SamplingParams(temperature=value)  # a temperature too small to sample with (0 is greedy): named here
+        return value
+
     @field_validator("thinking_budget", mode="before")
     @classmethod
     def _budget_shorthand(cls, value: Any) -> Any:
@@ -198,6 +204,15 @@ class _GenerationRequest(BaseModel):
             raise ValueError("stream_options is only allowed with stream: true")
         self.sampling()
         return self
+
+    def refusal(self, max_context: int | None = None) -> tuple[str, str] | None:
+        """``(param, message)`` when this valid request still cannot run on this model (an HTTP 400, before it is
+        queued): early-exit probes as long as the model's context."""
+        rule = self.thinking_budget.early_exit if self.thinking_budget is not None else None
+        if rule is not None and max_context is not None and rule.probe_tokens >= max_context:
+            return ("thinking_budget.early_exit.probe_tokens",
+                    f"probe_tokens ({rule.probe_tokens}) must be less than the model's context ({max_context} tokens)")
+        return None
 
     def policy(self) -> BudgetPolicy:
         """The ``BudgetPolicy`` this request asks for."""

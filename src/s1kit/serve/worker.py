@@ -5,6 +5,13 @@ the worker's next turn, between two steps, and its rows start decoding beside wh
 publishes its tokens as it goes, which the worker turns into text deltas for streaming, and a job is answered
 the moment its own rows end. A job whose client went away is aborted at the next turn (its rows free their
 places at once); ``stop_thinking`` closes a job's thinking at its next step, as a cap would.
+
+The loop is supervised. A failure while preparing (rendering, encoding) or publishing one job ends that job alone:
+a 400 when the request cannot run (too long, a chat template that refuses its messages), else a 500. A failed
+step fails what the engine held at that moment and the engine is reset (``engine.fail``). A failure the worker
+cannot recover from (the reset itself fails, or the loop breaks) stops it: every job waiting or running gets a
+500, every later one a 503, and ``error`` says why (``/health`` reports it). ``drain`` (SIGTERM) stops admission
+and ends what still runs at its deadline with a 503.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -78,19 +86,63 @@ class Job:
             pass
 
 
+def _template_error() -> type[BaseException]:
+    """jinja2's ``TemplateError`` (what a chat template's ``raise_exception`` raises), if jinja2 is there."""
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # pragma: no cover - transformers' chat templates need jinja2
+        return S1KitError
+    return TemplateError
+
+
+SHUTTING_DOWN = "the server is shutting down"
+
+
+class _Broken(Exception):
+    """The engine failed and could not be reset."""
+
+
 class EngineWorker:
-    """The thread that owns the engine core (see the module docstring); ``submit``/``cancel``/``stop_thinking``
-    may be called from any thread."""
+    """The thread that owns the engine core (see the module docstring); ``submit``/``cancel``/``stop_thinking``/
+    ``drain`` may be called from any thread."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0, "running": 0, "steps": 0,
                       "max_running": 0, "thinking_tokens": 0, "answer_tokens": 0}
-        self._inbox: queue.SimpleQueue[tuple[str, Job] | None] = queue.SimpleQueue()
+        self.error: str | None = None  # why the worker stopped serving (the engine failed beyond repair)
+        self.last_error: str | None = None  # the last failed step or job (the worker kept serving)
+        self.draining = False
+        self._deadline: float | None = None  # drain: when what still runs is ended
+        self._drained = False  # the drain deadline passed: nothing more runs
+        self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._running: set[Job] = set()
+        self._doomed: list[Job] = []  # jobs answered with an error inside a step, to abort after it
         self._closed = False
+        self._template_error = _template_error()
         self._thread = threading.Thread(target=self._run, name="s1kit-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker serves: its thread runs and the engine has not failed beyond repair."""
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``draining`` (shutting down), or ``error`` (see ``error``)."""
+        if not self.alive:
+            return "ok" if self._closed and self.error is None else "error"
+        return "draining" if self.draining else "ok"
+
+    def refusal(self) -> "JobError | None":
+        """Why a new job would be refused now (shutting down, or the engine failed), else None."""
+        if self.error is not None or (not self._thread.is_alive() and not self._closed):
+            return JobError(503, f"the engine failed and this server cannot serve: {self.error or 'worker stopped'}",
+                            "server_error")
+        if self._closed or self.draining:
+            return JobError(503, SHUTTING_DOWN, "server_error")
+        return None
 
     @property
     def queued(self) -> int:
@@ -98,9 +150,10 @@ class EngineWorker:
         return self._inbox.qsize()
 
     def submit(self, job: Job) -> Job:
-        """Hand a job to the engine core (at the worker's next turn)."""
-        if self._closed:
-            raise JobError(503, "the server is shutting down", "server_error")
+        """Hand a job to the engine core (at the worker's next turn); ``JobError`` (503) when none is taken now."""
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         self.stats["requests"] += 1
         self._inbox.put(("add", job))
         return job
@@ -114,6 +167,12 @@ class EngineWorker:
         """Make ``job``'s sequences stop thinking: the answer opener and prefix are forced at their next step."""
         self._inbox.put(("stop", job))
 
+    def drain(self, timeout: float) -> None:
+        """Stop taking jobs (503), let what runs finish for up to ``timeout`` seconds, then end the rest with a 503
+        (a streamed response gets it as its last event)."""
+        self.draining = True
+        self._inbox.put(("drain", time.monotonic() + max(0.0, timeout)))
+
     def close(self, timeout: float | None = 30) -> None:
         """Abort what runs, fail what waits, stop the worker."""
         self._closed = True
@@ -123,14 +182,37 @@ class EngineWorker:
     # -- worker thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - beyond repair: say so to everyone instead of hanging
+            self.error = str(e) if isinstance(e, _Broken) else f"{type(e).__name__}: {e}"
+            log.critical("the engine worker stopped", exc_info=e)
+            failure = JobError(500, f"the engine failed and this server cannot serve: {self.error}", "server_error")
+            held = list(self._running) + self._doomed
+            for job in held:
+                self._answer(job, failure, "failed")
+            self._fail_waiting(failure)
+            for job in held:  # leave no rows behind for whoever uses the engine next, if it still can
+                for h in job.handles:
+                    try:
+                        self.engine.abort(h)
+                    except Exception:  # noqa: BLE001 - it is broken already
+                        pass
+            return
+        self._stop()
+
+    def _serve(self) -> None:
         while True:
+            busy = self.engine.has_work
+            wait = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             try:
-                # Idle: sleep until a message comes. Busy: take what came since the last step, then step.
-                msg = self._inbox.get(block=not self.engine.has_work)
+                # Idle: sleep until a message comes (or the drain deadline). Busy: take what came since the last
+                # step, then step.
+                msg = self._inbox.get(block=not busy, timeout=None if busy else wait)
             except queue.Empty:
                 msg = ("step", None)
             if msg is None:
-                break
+                return
             kind, job = msg
             if kind == "add":
                 self._add(job)
@@ -140,17 +222,33 @@ class EngineWorker:
             elif kind == "stop":
                 for h in job.handles:
                     self.engine.stop_thinking(h)
+            elif kind == "drain":
+                self._deadline = job if self._deadline is None else min(self._deadline, job)
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._deadline, self._drained = None, True
+                self._end_running(JobError(503, f"{SHUTTING_DOWN}: this request did not finish before the drain "
+                                                "deadline", "server_error"))
             if not self._inbox.empty():
                 continue  # take every waiting message before the next step
             if self.engine.has_work:
                 self._step()
-        for job in list(self._running):  # shutting down: stop what runs, answer what waits
+
+    def _stop(self) -> None:
+        """Shutting down: stop what runs, answer what waits."""
+        self._end_running(JobError(503, SHUTTING_DOWN, "server_error"))
+        self._fail_waiting(JobError(503, SHUTTING_DOWN, "server_error"))
+
+    def _end_running(self, error: JobError) -> None:
+        for job in list(self._running):
+            self._answer(job, error, "failed")
             for h in job.handles:
                 self.engine.abort(h)
+
+    def _fail_waiting(self, error: JobError) -> None:
         while not self._inbox.empty():
             msg = self._inbox.get()
-            if msg is not None and msg[0] == "add":
-                msg[1]._put(JobError(503, "the server is shutting down", "server_error"))
+            if msg is not None and msg[0] == "add" and not msg[1].answered:
+                msg[1]._put(error)
 
     def _step(self) -> None:
         self.stats["steps"] += 1
@@ -158,31 +256,74 @@ class EngineWorker:
             self.engine.step()
         except Exception as e:  # noqa: BLE001 - the engine failed: fail what it held, keep serving
             log.error("engine step failed", exc_info=e)
-            self.engine.fail(e)
+            self.last_error = f"{type(e).__name__}: {e}"
+            try:
+                self.engine.fail(e)
+            except Exception as reset:  # noqa: BLE001 - beyond repair: the worker stops (see _run)
+                raise _Broken(f"{self.last_error}; resetting the engine failed too: {type(reset).__name__}: "
+                              f"{reset}") from reset
+        doomed, self._doomed = self._doomed, []
+        for job in doomed:  # answered with an error during the step: free their rows now
+            for h in job.handles:
+                self.engine.abort(h)
 
     def _add(self, job: Job) -> None:
         if job.cancelled:
             self.stats["cancelled"] += 1
             return
+        if job.answered:
+            return
+        if self._drained:
+            self._answer(job, JobError(503, SHUTTING_DOWN, "server_error"), "failed")
+            return
+        try:
+            # Every request of the job is prepared before any is queued: one that cannot run fails the job alone,
+            # before the others decode.
+            prepared = [self.engine.prepare(r) for r in job.requests]
+        except (S1KitError, ValueError, self._template_error) as e:  # too long, a template refusing the messages
+            self._answer(job, JobError(400, self._cannot_run(e)), "failed")
+            return
+        except Exception as e:  # noqa: BLE001 - a bug or a backend failure: this request alone
+            log.error("preparing a request failed", exc_info=e)
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._answer(job, JobError(500, f"internal error while preparing the request: {type(e).__name__}: {e}",
+                                       "server_error"), "failed")
+            return
         first = 0
         try:
-            for k, request in enumerate(job.requests):
+            for k, (request, ready) in enumerate(zip(job.requests, prepared)):
                 job._first.append(first)
                 first += request.sampling.n
-                job.handles.append(self.engine.add(request, lambda row, job=job: self._on_row(job, row), k))
-        except (S1KitError, ValueError) as e:  # e.g. a prompt too long for the context: this request alone
+                job.handles.append(self.engine.add(request, lambda row, job=job: self._on_row(job, row), k, ready))
+        except Exception as e:  # noqa: BLE001 - this request alone
+            log.error("queueing a request failed", exc_info=e)
+            self._answer(job, self._job_error(e), "failed")
             for h in job.handles:
                 self.engine.abort(h)
-            self._answer(job, JobError(400, str(e)), "failed")
             return
         self._running.add(job)
         self.stats["running"] = len(self._running)
         self.stats["max_running"] = max(self.stats["max_running"], sum(j.size for j in self._running))
 
+    def _cannot_run(self, e: BaseException) -> str:
+        if isinstance(e, self._template_error) and not isinstance(e, (S1KitError, ValueError)):
+            return f"the model's chat template refused the messages: {e}"
+        return str(e)
+
     def _on_row(self, job: Job, row: Any) -> None:
-        """A row of ``job`` published tokens or ended: stream its deltas; answer the job once all its rows ended."""
+        """A row of ``job`` published tokens or ended: stream its deltas; answer the job once all its rows ended.
+        Runs inside the engine's step: a failure here ends this job alone."""
         if job.answered:
             return
+        try:
+            self._publish(job, row)
+        except Exception as e:  # noqa: BLE001 - e.g. text that does not decode: this job alone, not the step
+            log.error("publishing a row failed", exc_info=e)
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._answer(job, JobError(500, f"internal error: {type(e).__name__}: {e}", "server_error"), "failed")
+            self._doomed.append(job)
+
+    def _publish(self, job: Job, row: Any) -> None:
         ri, si = row.handle.request_index, row.sample_index
         if job.stream:
             pair = job._deltas.get((ri, si))
@@ -210,6 +351,8 @@ class EngineWorker:
         self._answer(job, completions, "cancelled" if job.cancelled else "completed")
 
     def _answer(self, job: Job, event: Any, outcome: str) -> None:
+        if job.answered:
+            return
         self.stats[outcome] += 1
         self._running.discard(job)
         self.stats["running"] = len(self._running)
