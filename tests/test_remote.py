@@ -198,7 +198,7 @@ def test_seeded_samples_are_reproducible_and_n_gives_n(remote):
 def test_sweep_keeps_eight_requests_in_flight(remote, tmp_path):
     bench = load_benchmark("gsm8k", limit=8)
     settings = build_grid(["budget"], [16], max_answer=8)
-    remote.peak_in_flight = 0
+    remote.client.peak_in_flight = 0
     records = run_sweep(remote, bench, settings, tmp_path, chunk=16)
     assert len(records) == 8 and remote.peak_in_flight == 8
     assert all(r["thinking_tokens"] <= 16 for r in records)
