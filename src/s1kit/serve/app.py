@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -250,9 +251,9 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
         app.state.drain = api.drain
         try:
             yield
-        finally:
-            worker, api.worker = api.worker, None
-            await asyncio.to_thread(worker.close)
+        finally:  # the worker refuses new jobs (503) and answers those it holds as it closes
+            await asyncio.to_thread(api.worker.close)
+            api.worker = None
 
     app = FastAPI(title="s1kit", description="OpenAI-compatible API with per-request thinking budgets",
                   lifespan=lifespan)
@@ -315,10 +316,15 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, drain_t
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's own handler, but the signal is not raised again once the server stopped: a graceful
+            # shutdown exits with status 0 (uvicorn.run swallows the KeyboardInterrupt of a Ctrl-C the same way)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+                return
             drain = getattr(app.state, "drain", None)
             if drain is not None and not self.should_exit:
                 drain(drain_timeout)
-            super().handle_exit(sig, frame)
+            self.should_exit = True
 
     options = {"log_level": "warning", **uvicorn_options}
     # uvicorn cancels what still runs after its own timeout: ours ends first, so every request gets its answer

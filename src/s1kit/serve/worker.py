@@ -358,9 +358,10 @@ class EngineWorker:
         self.stats["running"] = len(self._running)
         job._put(event)
 
-    @staticmethod
-    def _job_error(e: BaseException) -> JobError:
+    def _job_error(self, e: BaseException) -> JobError:
         """A failure of the engine after the request passed its checks: not the client's fault."""
-        if isinstance(e, S1KitError):  # e.g. the remote engine's server is unreachable
+        if not isinstance(e, S1KitError):
+            return JobError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        if any(c.__name__ == "RemoteEngine" for c in type(self.engine).__mro__):  # its server failed
             return JobError(502, f"the engine failed: {e}", "server_error")
-        return JobError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        return JobError(500, f"the engine failed on this request: {e}", "server_error")  # e.g. it cannot sample
