@@ -143,6 +143,9 @@ def test_a_request_that_cannot_sample_is_refused_up_front_and_harms_no_other(ser
     for value in (1e-5, 5e-324):
         assert openai_error(post(server, body(temperature=value)), 422)["param"] == "temperature"
     assert post(server, body(temperature=0.01, seed=1)).status_code == 200  # the floor itself samples
+    probes = body(thinking_budget={"max_tokens": 8, "early_exit": {"every": 1, "probe_tokens": 10**9}})
+    err = openai_error(post(server, probes), 400)  # a probe as long as the context could never end
+    assert err["param"] == "thinking_budget.early_exit.probe_tokens"
 
 
 # ------------------------------------------------------------------ 1. a failure of the engine itself
@@ -412,7 +415,8 @@ def _valid(make, value):
         assume(False)
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(change=one_change())
 def test_changing_any_one_field_refuses_the_rerun(change, tmp_path):
     from s1kit.evaluate.record import RunMismatch
@@ -677,7 +681,8 @@ lines_of = st.lists(st.one_of(prompt_records.map(lambda v: json.dumps(v).encode(
                     min_size=1, max_size=4)
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=lines_of)
 def test_any_input_file_gives_runnable_prompts_or_names_file_and_line(tmp_path, lines):
     from s1kit.cli.generate import read_prompts
@@ -701,7 +706,8 @@ bench_records = st.one_of(json_values, st.fixed_dictionaries({}, optional={
     "solution": json_values | st.text(), "Incorrect Answer 1": json_values, "Correct Answer": json_values}))
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.one_of(bench_records.map(lambda v: json.dumps(v).encode()), st.binary(max_size=12)),
                       min_size=1, max_size=4), suffix=st.sampled_from([".jsonl", ".json"]))
 def test_any_benchmark_file_loads_or_names_the_file(tmp_path, lines, suffix):

@@ -10,7 +10,7 @@ from ..budget import BudgetPolicy
 from ..engines.base import Request, SamplingParams
 from ..errors import S1KitError
 from ..data.files import iter_jsonl
-from ..evaluate.sweep import parse_early_exit
+from ..evaluate.sweep import CANNOT_RUN, cannot_run, parse_early_exit
 from ..formats import ThinkingFormat, as_messages, get_format
 from . import options as opt
 from .app import command
@@ -74,10 +74,8 @@ def generate(
     for (where, _), r in zip(items, requests):
         try:
             engine.prepare(r)  # validates prompt and format before any decoding
-        except Exception as e:  # too long, or a chat template that refuses the messages: name the prompt
-            if not isinstance(e, (S1KitError, ValueError)) and type(e).__name__ != "TemplateError":
-                raise
-            raise S1KitError(f"{where}: {e}" if input else str(e)) from None
+        except CANNOT_RUN as e:  # too long, or a chat template that refuses the messages: name the prompt
+            raise S1KitError(f"{where}: {cannot_run(e)}" if input else cannot_run(e)) from None
     with progress_bar(len(requests) * n, "generating") as advance:
         completions = engine.generate(requests, on_progress=advance)
     for c in completions:
