@@ -148,6 +148,66 @@ def test_a_request_that_cannot_sample_is_refused_up_front_and_harms_no_other(ser
     assert err["param"] == "thinking_budget.early_exit.probe_tokens"
 
 
+class _BadDecode:
+    """The real engine seen through a tokenizer whose ``decode`` fails: what the worker streams (text deltas) breaks
+    for a streaming job; the engine's own completions use the real tokenizer."""
+
+    class Tokenizer:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def decode(self, *args, **kw):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken tokenizer")
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, self.Tokenizer(engine.tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_a_row_that_cannot_sample_or_stream_fails_its_request_alone(engine):
+    """Past the up-front checks: a row whose distribution is not finite (temperature 1e-300 forced past
+    ``SamplingParams``), or whose text cannot be streamed, ends its own request with a 500; the requests decoding
+    beside it finish."""
+    from s1kit.serve.worker import EngineWorker, Job, JobError
+
+    def job(prompt, sampling=SamplingParams(), stream=False):
+        return Job([Request(prompt, BudgetPolicy(min_thinking_tokens=4, max_thinking_tokens=4, max_answer_tokens=1),
+                            sampling=sampling)], stream=stream)
+
+    async def run(worker, jobs):
+        async def final(j):
+            while not isinstance(event := await j.next_event(), (list, JobError)):
+                pass
+            return event
+
+        for j in jobs:
+            worker.submit(j)
+        return await asyncio.gather(*(final(j) for j in jobs))
+
+    unsampleable = SamplingParams(temperature=1.0, seed=1)
+    object.__setattr__(unsampleable, "temperature", 1e-300)
+
+    async def main():
+        results = []
+        for eng, odd in [(engine, job("Name a fruit.", unsampleable)), (_BadDecode(engine), job("Hi.", stream=True))]:
+            worker = EngineWorker(eng)
+            try:
+                results.append(await run(worker, [job("Name a colour."), odd, job("Say hi.")]))
+            finally:
+                worker.close()
+        return results
+
+    for first, odd, *rest in asyncio.run(main()):
+        assert isinstance(odd, JobError) and odd.status == 500, odd
+        assert all(isinstance(r, list) and r[0].thinking_tokens == 4 for r in [first, *rest])
+    assert not engine.has_work
+
+
 # ------------------------------------------------------------------ 1. a failure of the engine itself
 
 
