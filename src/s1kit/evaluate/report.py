@@ -25,8 +25,11 @@ def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: di
                    for r in failed.get(s.key, [])]
         if not recs:
             continue
-        rows.append({"setting": s.key, "method": s.method, "label": s.label, "lo": s.lo, "hi": s.hi,
-                     **summarize(recs, s.lo, s.hi), "errors": len(failed.get(s.key, []))})
+        row = {"setting": s.key, "method": s.method, "label": s.label, "lo": s.lo, "hi": s.hi,
+               **summarize(recs, s.lo, s.hi)}
+        if failed.get(s.key):  # samples of this setting that could not run (not in n)
+            row["errors"] = len(failed[s.key])
+        rows.append(row)
     methods = {}
     for m in METHODS:
         mrows = [r for r in rows if r["method"] == m]
