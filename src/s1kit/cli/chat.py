@@ -6,7 +6,6 @@ import typer
 
 from ..budget import BudgetPolicy
 from ..engines.base import SamplingParams
-from ..formats import get_format
 from . import options as opt
 from .app import command
 from .engine import EngineChoice
@@ -20,7 +19,7 @@ def chat(
     min_thinking: opt.MinThinking = opt.POLICY.min_thinking_tokens,
     waits: opt.Waits = opt.POLICY.num_waits,
     max_answer: opt.MaxAnswer = opt.POLICY.max_answer_tokens,
-    format: opt.Format = "s1",
+    format: opt.Format = opt.FORMAT,
     temperature: opt.Temperature = opt.SAMPLING.temperature,
     system: Optional[str] = typer.Option(None, help="System prompt."),
     device: opt.Device = None,
@@ -33,9 +32,12 @@ def chat(
 
     policy = BudgetPolicy(max_thinking_tokens=max_thinking, min_thinking_tokens=min_thinking, num_waits=waits,
                           max_answer_tokens=max_answer)
-    session_format = get_format(format).name
+    asked = opt.format_choice(format)
     sampling = SamplingParams(temperature=temperature)
     choice = EngineChoice(model, device=device, dtype=dtype, batch_size=1)
     choice.check()
     Console(stderr=True).print(f"loading {model} ...", style="dim", markup=False)
-    run_chat(ChatSession(choice.open(), policy, session_format, sampling, system), Console(highlight=False))
+    engine = choice.open()
+    session_format = opt.model_format(asked, engine.tokenizer)
+    opt.say_format(engine.tokenizer, session_format, asked)
+    run_chat(ChatSession(engine, policy, session_format, sampling, system), Console(highlight=False))

@@ -1,6 +1,7 @@
 """``s1kit eval``: a grid of thinking budgets over a benchmark, into a run directory that records what determines
 its samples (a rerun resumes, extends or is refused) and has one writer at a time."""
 
+from dataclasses import replace
 from typing import List, Optional
 
 import typer
@@ -10,7 +11,6 @@ from ..engines.base import SamplingParams
 from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord
 from ..evaluate.report import write_report
 from ..evaluate.sweep import build_grid, check_samples, parse_early_exit, run_sweep
-from ..formats import get_format
 from . import options as opt
 from .app import command
 from .console import print_summary, progress_bar
@@ -51,7 +51,7 @@ def eval_(
     seed: int = typer.Option(0, help="Seed for sampling and multiple-choice shuffles."),
     max_answer: opt.MaxAnswer = opt.POLICY.max_answer_tokens,
     answer_prefix: opt.AnswerPrefix = opt.POLICY.answer_prefix,
-    format: opt.Format = "s1",
+    format: opt.Format = opt.FORMAT,
     question_field: opt.QuestionField = None,
     answer_field: opt.AnswerField = None,
     batch_size: opt.BatchSize = 16,
@@ -80,7 +80,7 @@ def eval_(
                           early_exit=[parse_early_exit(e) for e in early_exit or []], cap_grace=cap_grace)
     sampling = SamplingParams(temperature=temperature, seed=seed)
     check_samples(samples, sampling)
-    fmt = get_format(format)
+    asked_format = fmt = opt.format_choice(format)  # auto: resolved below, against the model's tokenizer
     engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
                           opt.plugin_choice(vllm_plugin))
     engine.check_options()
@@ -90,15 +90,32 @@ def eval_(
                              dtype=engine.precision(), question_field=question_field, answer_field=answer_field,
                              format=fmt.name, sampling=sampling)
     with RunDir(out).writer() as run:
-        try:
-            record = run.extend(asked, whole.items)
-        except RunMismatch as e:
-            raise RunMismatch(e.path, [(RECORD_FLAGS.get(k, k), old, new) for k, old, new in e.differences]) from None
+        def extend(asked: RunRecord) -> RunRecord:
+            try:
+                return run.extend(asked, whole.items)
+            except RunMismatch as e:
+                raise RunMismatch(e.path, [(RECORD_FLAGS.get(k, k), old, new) for k, old, new in e.differences]) from None
+
+        if fmt.name == "auto":  # every other field first: a run of another model is refused as such
+            try:
+                extend(asked)
+            except RunMismatch as e:
+                if any(k != "--format" for k, _, _ in e.differences):
+                    raise
+            engine.check_model()
+            from ..engines.remote import load_tokenizer  # the tokenizer alone: the model loads only if samples are due
+
+            fmt = opt.model_format(fmt, load_tokenizer(tokenizer if tokenizer is not None else model))
+            asked = replace(asked, format=fmt.name)
+        record = extend(asked)  # with the format that runs, not "auto"
         engine.check_model()  # after the record: a run of another model is refused as such
+        said: list = []
 
         def open_engine():  # only when samples are missing; the record is saved once a model is ready
             loaded = engine.open()
             run.write(record)
+            opt.say_format(loaded.tokenizer, fmt, asked_format)
+            said.append(True)
             return loaded
 
         # Several batches per engine call: the fast path refills finished slots from the rest.
@@ -115,6 +132,8 @@ def eval_(
 
             run_sweep(open_engine, bench, settings, run.path, fmt, samples, sampling, chunk=chunk, on_sample=on_sample)
         run.write(record)
+        if not said:
+            typer.echo(f"format {fmt.name}", err=True)
         summary = write_report(run.path, settings, {"model": model, "benchmark": bench.name, "items": len(bench.items),
                                                     "samples": samples}, [it.id for it in bench.items], samples)
     print_summary(summary, run.path)

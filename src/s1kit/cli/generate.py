@@ -24,7 +24,7 @@ from .engine import EngineChoice
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (user messages)."),
     model: opt.Model = "smollm2-135m",
-    format: opt.Format = "s1",
+    format: opt.Format = opt.FORMAT,
     think_open: Optional[str] = typer.Option(None, help="Custom format: text that opens thinking."),
     stop_token: Optional[List[str]] = typer.Option(None, help="Custom format: a token that ends thinking (repeatable)."),
     answer_open: Optional[str] = typer.Option(None, help="Custom format: the answer opener."),
@@ -60,22 +60,25 @@ def generate(
                           max_answer_tokens=max_answer, cap_grace=cap_grace,
                           early_exit=parse_early_exit(early_exit) if early_exit else None)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=n)
-    fmt = build_format(format, think_open, stop_token, answer_open)
+    asked = opt.format_choice(format)
     choice = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
                           opt.plugin_choice(vllm_plugin))
     choice.check_options()
     items = [(f"prompt {i}", p) for i, p in enumerate(prompts or [], 1)] + (sourced_prompts(input) if input else [])
     if not items:
         raise S1KitError("no prompt given (pass PROMPT arguments or --input FILE.jsonl)")
-    requests = [Request(p, policy, fmt, sampling, system) for _, p in items]
-    for r in requests:
-        as_messages(r.prompt, r.system)  # fail on empty prompts before loading a model
+    for _, p in items:
+        as_messages(p, system)  # fail on empty prompts before loading a model
     engine = choice.open()
+    base = opt.model_format(asked, engine.tokenizer)
+    fmt = build_format(base, think_open, stop_token, answer_open)
+    requests = [Request(p, policy, fmt, sampling, system) for _, p in items]
     for (where, _), r in zip(items, requests):
         try:
             engine.prepare(r)  # validates prompt and format before any decoding
         except CANNOT_RUN as e:  # too long, or a chat template that refuses the messages: name the prompt
             raise S1KitError(f"{where}: {cannot_run(e)}" if input else cannot_run(e)) from None
+    opt.say_format(engine.tokenizer, fmt, asked if fmt is base else fmt)
     with progress_bar(len(requests) * n, "generating") as advance:
         completions = engine.generate(requests, on_progress=advance)
     for c in completions:
@@ -85,7 +88,7 @@ def generate(
             show(c)
 
 
-def build_format(fmt: str, think_open: str | None, stop_tokens: list[str] | None,
+def build_format(fmt: str | ThinkingFormat, think_open: str | None, stop_tokens: list[str] | None,
                  answer_open: str | None) -> ThinkingFormat:
     """A preset, or a custom format when any delimiter is given (the rest taken from the preset)."""
     base = get_format(fmt)

@@ -4,12 +4,13 @@ library (``BudgetPolicy()``, ``SamplingParams()``) so that the command line and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
 from ..budget import BudgetPolicy
 from ..engines.base import SamplingParams
+from ..formats import ThinkingFormat, describe_format, get_format, resolve_format
 
 POLICY = BudgetPolicy()  # default budget fields of generate and eval
 SAMPLING = SamplingParams()  # default sampling fields
@@ -42,7 +43,9 @@ def grid_option(help: str, flag: str) -> typer.models.OptionInfo:
 
 
 Model = Annotated[str, typer.Option(help="Bundled name, .gguf file, model dir or HF id.")]
-Format = Annotated[str, typer.Option("--format", help="Thinking format: s1 or r1.")]
+Format = Annotated[str, typer.Option("--format", help="Thinking format: auto (from the model's tokenizer and chat "
+                                                     "template: r1 where </think> is a token, else s1), s1 or r1.")]
+FORMAT = "auto"  # the default --format of every command that decodes
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if present]")]
 Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... [default: bfloat16 on a GPU and on CPUs "
                                                    "with native bfloat16 (AVX512-BF16, AMX), else float32]")]
@@ -99,3 +102,19 @@ def plugin_choice(value: str) -> bool | None:
 def wait_strings(given: list[str] | None) -> tuple[str, ...]:
     """The repeatable --wait-string, or the library's default."""
     return tuple(given) if given else POLICY.wait_strings
+
+
+def format_choice(name: str) -> ThinkingFormat:
+    """``--format`` as a format (``auto`` still to resolve against the model's tokenizer); an unknown name fails now,
+    before a model loads."""
+    return get_format(name)
+
+
+def model_format(asked: ThinkingFormat, tokenizer: Any) -> ThinkingFormat:
+    """The format the model runs in: ``auto`` resolved against its tokenizer and chat template."""
+    return resolve_format(tokenizer, asked)
+
+
+def say_format(tokenizer: Any, fmt: ThinkingFormat, asked: ThinkingFormat) -> None:
+    """One line on stderr: the format that runs, and why (once per command, when it is about to run)."""
+    typer.echo(describe_format(tokenizer, fmt, asked), err=True)

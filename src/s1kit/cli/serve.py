@@ -6,7 +6,6 @@ from typing import Optional
 import typer
 
 from ..errors import S1KitError
-from ..formats import get_format
 from . import options as opt
 from .app import command, require_extra
 from .engine import EngineChoice
@@ -34,7 +33,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="S1KIT_SERVE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     served_model_name: Optional[str] = typer.Option(None, help="Model name clients send. [default: --model]"),
-    format: opt.Format = "s1",
+    format: opt.Format = opt.FORMAT,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     vllm_plugin: opt.VllmPlugin = "auto",
@@ -55,7 +54,7 @@ def serve(
         raise S1KitError("--api-key must not be empty")
     if not drain_timeout >= 0:
         raise S1KitError(f"--drain-timeout must be >= 0, got {drain_timeout}")
-    fmt = get_format(format)
+    asked = opt.format_choice(format)
     choice = EngineChoice(model, engine_kind, base_url, tokenizer, api_key=upstream_api_key, device=device,
                           dtype=dtype, batch_size=max_batch_size, plugin=opt.plugin_choice(vllm_plugin))
     choice.check_options()
@@ -68,6 +67,7 @@ def serve(
     if engine_kind != "hf" and max_model_len is not None:
         raise S1KitError("--max-model-len is only used with --engine hf (a remote server has its own)")
     engine = choice.open(**({"max_model_len": max_model_len} if engine_kind == "hf" else {}))
+    fmt = opt.model_format(asked, engine.tokenizer)
     if engine_kind == "hf":
         engine.warm_up()  # one cache length; compile and capture before the first request, not during it
     from ..serve.app import create_app, make_server
@@ -75,5 +75,6 @@ def serve(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
     name = served_model_name or model
+    opt.say_format(engine.tokenizer, fmt, asked)
     typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
     make_server(create_app(engine, name, api_key=api_key, format=fmt), host, port, drain_timeout).run()

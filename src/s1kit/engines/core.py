@@ -138,7 +138,8 @@ class EngineCore:
         text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
         ids = self.encode(text)
         tokens = self.compile(request.format, request.policy)
-        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids), self.max_context))
+        cap = context_cap(request.policy, tokens, len(ids), self.max_context)
+        return Prepared(ids, tokens, 0 if request.format.closed else cap)  # thinking off: closed at the first step
 
     def add(self, request: Request, on_update: OnUpdate | None = None, request_index: int = 0,
             prepared: Prepared | None = None) -> Handle:

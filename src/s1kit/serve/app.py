@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engines.base import Completion, Engine, Request
-from ..formats import ThinkingFormat, get_format
+from ..formats import ThinkingFormat, resolve_format
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .worker import Delta, EngineWorker, Job, JobError
 
@@ -100,7 +100,11 @@ class _Api:
             return _error(400, message, param=param, code="invalid_value")
         chat = isinstance(body, ChatCompletionRequest)
         policy, sampling = body.policy(), body.sampling()
-        job = Job([Request(p, policy, self.fmt, sampling) for p in body.prompts()], stream=body.stream)
+        try:
+            fmt = body.thinking_format(self.fmt, self.engine.tokenizer)
+        except ValueError as e:
+            return _error(400, str(e), param="chat_template_kwargs", code="invalid_value")
+        job = Job([Request(p, policy, fmt, sampling) for p in body.prompts()], stream=body.stream)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ids = [rid] + [i for i in [http.headers.get("x-request-id")] if i and i not in self.running]
         self.running.update((i, job) for i in ids)
@@ -240,9 +244,10 @@ class _BearerAuth:
 
 
 def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | None = None,
-               format: str | ThinkingFormat = "s1") -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token."""
-    api = _Api(engine, model_name, get_format(format))
+               format: str | ThinkingFormat = "auto") -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token; ``format``
+    (``auto``: from the model's tokenizer and chat template) is resolved against the engine's tokenizer."""
+    api = _Api(engine, model_name, resolve_format(engine.tokenizer, format))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

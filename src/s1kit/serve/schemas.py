@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from ..budget import BudgetPolicy, EarlyExit
 from ..engines.base import SamplingParams
+from ..formats import ThinkingFormat, resolve_format, template_kwargs
 
 # reasoning_effort -> thinking cap (tokens). Documented in docs/serving.md.
 EFFORT_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}
@@ -146,6 +147,9 @@ class _GenerationRequest(BaseModel):
     thinking_budget: Optional[ThinkingBudget] = None  # or an integer: the thinking cap
     reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
     user: Optional[str] = None
+    # extra arguments of the model's chat template, as vLLM and SGLang take them: {"enable_thinking": false} turns a
+    # Qwen3-style model's thinking off (thinking budget 0)
+    chat_template_kwargs: Optional[dict[str, Union[bool, int, float, Text, None]]] = None
     # Accepted for compatibility; only their neutral values (checked below).
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -173,6 +177,15 @@ class _GenerationRequest(BaseModel):
     @classmethod
     def _sampleable(cls, value: float) -> float:
         SamplingParams(temperature=value)  # a temperature too small to sample with (0 is greedy): named here
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: Optional[dict]) -> Optional[dict]:
+        if value is not None:
+            template_kwargs(value)  # names, JSON scalars, nothing s1kit sets itself
+            if value.get("enable_thinking") not in (None, True, False):
+                raise ValueError("chat_template_kwargs.enable_thinking must be true or false")
         return value
 
     @field_validator("thinking_budget", mode="before")
@@ -203,7 +216,24 @@ class _GenerationRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         self.sampling()
+        budget = self.thinking_budget
+        if (self.chat_template_kwargs or {}).get("enable_thinking") is False and budget is not None \
+                and (budget.min_tokens or budget.num_waits):
+            raise ValueError("chat_template_kwargs.enable_thinking is false (no thinking), but thinking_budget asks "
+                             "for min_tokens or num_waits")
         return self
+
+    def thinking_format(self, fmt: ThinkingFormat, tokenizer: Any) -> ThinkingFormat:
+        """The server's format with this request's ``chat_template_kwargs`` (``ValueError`` where the chat template
+        refuses them)."""
+        if not self.chat_template_kwargs:
+            return fmt
+        try:
+            return resolve_format(tokenizer, fmt, self.chat_template_kwargs)
+        except Exception as e:  # jinja2's TemplateError: the template raised on these arguments
+            if isinstance(e, ValueError) or type(e).__name__ == "TemplateError":
+                raise ValueError(f"chat_template_kwargs: {e}") from None
+            raise
 
     def refusal(self, max_context: int | None = None) -> tuple[str, str] | None:
         """``(param, message)`` when this valid request still cannot run on this model (an HTTP 400, before it is
