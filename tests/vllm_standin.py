@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from transformers import DynamicCache
 
+from s1kit.engines.base import cache_kwargs
 from s1kit.integrations.processor import BudgetRows, RequestParams, check_request
 from s1kit.integrations.sampling import RowSampling
 
@@ -116,7 +117,7 @@ class VLLMStandIn:
             finish = "length"
             with torch.inference_mode():
                 while len(out) < params.max_tokens:
-                    logits = self.model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[:, -1]
+                    logits = self.model(torch.tensor([ids]), use_cache=True, **cache_kwargs(self.model, cache)).logits[:, -1]
                     logits = logits.float()
                     if forcing:
                         logits = self.rows.apply(logits)

@@ -3,6 +3,8 @@ a format + policy into forcing tokens is ``s1kit.forcing``)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -139,3 +141,14 @@ class Engine(Protocol):
                  on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
         """Completions for ``requests``, ``n`` per request, in request order."""
         ...
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the name the model's forward takes: ``cache`` in newer transformers,
+    ``past_key_values`` in older ones (which newer ones still take, with a deprecation warning)."""
+    return {_cache_name(type(model)): cache}

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import S1KitError
 from . import decode_attention
+from .base import cache_kwargs
 from .core import Row
 from .fused import FusedProjections
 from .tensor_budget import (ANSWER, F_LENGTH, F_STOP, NONE, P_DONE, P_PAUSE, PREFIX, THINK, TensorBudget,
@@ -220,7 +221,7 @@ class _Workspace:
         emitted, kind = self._forced(sample)
         extra = {"s1kit_last": self.kv.col} if self.dec.split_attention else {}
         out = self.dec.forward(input_ids=emitted.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
-                               attention_mask=self.mask, past_key_values=self.kv, use_cache=True, **extra)
+                               attention_mask=self.mask, use_cache=True, **{self.dec.cache_arg: self.kv}, **extra)
         self.logits.copy_(out.logits[:, -1].float())
         # A slot that emitted nothing (idle, ended, or paused at a probe point) keeps its position and column:
         # what this step wrote there is masked, and its next token overwrites it.
@@ -295,6 +296,7 @@ class FastDecoder:
                  fuse: bool | None = None, split_attention: bool | None = None, length: int | None = None,
                  pipeline: bool | None = None) -> None:
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
+        [self.cache_arg] = cache_kwargs(model, None)  # the forward's name for the cache, looked up once
         self.device = model.device
         cuda = self.device.type == "cuda"
         self.dtype = next(model.parameters()).dtype
@@ -527,8 +529,8 @@ class FastDecoder:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill(~allowed, ws.neg).unsqueeze(1)
         layers, kv, head_dim, _ = _model_dims(self.model)
         tmp = SlotCache(layers, n, kv, width, head_dim, self.dtype, dev)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=tmp, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(self.model, tmp))
         idx = _on(dev, torch.tensor(slots))
         for layer in range(layers):
             ws.kv.keys[layer][idx, :, :width] = tmp.keys[layer]

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from ..budget import BudgetState
 from ..errors import S1KitError
 from ..forcing import ForcingCompiler
-from .base import SamplingParams
+from .base import SamplingParams, cache_kwargs
 from .core import EngineCore, Row
 
 
@@ -182,7 +182,7 @@ class LoopDecoder:
             step_ids = torch.tensor([emitted[i] for i in keep], device=self.engine.device).unsqueeze(1)
             self.attn = torch.cat([self.attn, self.attn.new_ones((len(self.rows), 1))], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=self.attn, position_ids=self.next_pos,
-                             past_key_values=self.cache, use_cache=True)
+                             **cache_kwargs(self.model, self.cache), use_cache=True)
             self.logits = out.logits[:, -1, :].float()
             self.next_pos = self.next_pos + 1
         return rows
@@ -238,7 +238,7 @@ class LoopDecoder:
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_kwargs(self.model, cache),
                          use_cache=True, logits_to_keep=1)
         logits, next_pos = out.logits[:, -1, :].float(), pos[:, -1:] + 1
         if not self.rows:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .base import cache_kwargs
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -70,7 +72,7 @@ def run_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], pad_id: int)
         ids[i, s_len - k:] = torch.tensor(list(p.suffix))
         pos[i, s_len - k:] = torch.arange(p.position, p.position + k)
     attn, ids, pos = attn.to(dev), ids.to(dev), pos.to(dev)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                 logits_to_keep=1)
     next_pos = pos[:, -1:] + 1
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -90,7 +92,7 @@ def run_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], pad_id: int)
         if not any(live):
             break
         attn = torch.cat([attn, attn.new_ones((n, 1))], dim=1)
-        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, **cache_kwargs(model, cache),
                     use_cache=True)
         next_pos = next_pos + 1
     results = []
