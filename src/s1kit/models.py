@@ -262,10 +262,12 @@ def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-tensor bars are noise here; conversions print one line
     device = device or default_device()
     dtype = torch_dtype(dtype or default_dtype(device)) if dtype is None or isinstance(dtype, str) else dtype
+    hf_logging.disable_progress_bar()  # a local load's per-tensor bars are noise; conversions print one line
     source = resolve(ref)
+    if not Path(str(source)).exists():
+        hf_logging.enable_progress_bar()  # a hub download shows its bars (a 65 GB download is never silent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -275,3 +277,29 @@ def load_model(ref: str, device: str | None = None, dtype: Any = None) -> tuple[
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+HASHED_UP_TO = 4 << 30  # a .gguf file up to this size is hashed for a run's provenance; a larger one is named by size
+
+
+def model_provenance(ref: str, model: Any = None) -> dict[str, Any]:
+    """Which weights ``ref`` is, for a run's report: a bundled model's pinned sha256, a .gguf file's path and
+    sha256, a directory's path and its config's sha256, or a hub id's revision (from the loaded ``model``)."""
+    out: dict[str, Any] = {"ref": ref}
+    if ref in BUNDLED:
+        return {**out, "sha256": BUNDLED[ref].sha256}
+    path = Path(ref).expanduser()
+    if path.is_file():
+        size = path.stat().st_size
+        out.update(path=str(path.resolve()), size=size)
+        if size <= HASHED_UP_TO:
+            out["sha256"] = _sha256_of([path])[0]
+        return out
+    if path.is_dir():
+        config = path / "config.json"
+        out["path"] = str(path.resolve())
+        if config.is_file():
+            out["config_sha256"] = hashlib.sha256(config.read_bytes()).hexdigest()
+        return out
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {**out, "revision": revision}

@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" in them is text, not a rich markup tag
 )
 
 # What a command turns into one error line: the library's user-facing errors, its validation (ValueError) and

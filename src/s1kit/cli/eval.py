@@ -8,7 +8,8 @@ import typer
 
 from ..data.benchmarks import load_benchmark
 from ..engines.base import SamplingParams
-from ..evaluate.record import RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord
+from ..evaluate.record import (RunDir, RunInUse, RunMismatch, RunNotResumable, RunRecord, previous_provenance,
+                               provenance)
 from ..evaluate.report import write_report
 from ..evaluate.sweep import build_grid, check_samples, parse_early_exit, run_sweep
 from . import options as opt
@@ -18,7 +19,8 @@ from .engine import EngineChoice
 
 # Run-record fields -> the flags that set them (the rest have no flag: max_tries, top_p, top_k).
 RECORD_FLAGS = {"model": "--model", "engine": "--engine", "dtype": "--dtype (or --device)", "benchmark": "--benchmark",
-                "question_field": "--question-field", "answer_field": "--answer-field", "format": "--format",
+                "question_field": "--question-field", "answer_field": "--answer-field", "split": "--split",
+                "subset": "--subset", "format": "--format",
                 "temperature": "--temperature", "seed": "--seed", "benchmark items": "--benchmark (its file)",
                 "grader": "grader version (s1kit report --regrade grades its samples again)"}
 HINTS = {RunInUse: "wait for it to finish, or pass another --out",
@@ -35,7 +37,12 @@ HINTS = {RunInUse: "wait for it to finish, or pass another --out",
 def eval_(
     model: opt.Model = "smollm2-135m",
     benchmark: str = typer.Option("gsm8k", help="math500, math, gsm8k, champ, aime24, aime25, gpqa-diamond, "
-                                                "math500-hf, gsm8k-hf, or a .jsonl/.json/.csv/.parquet file."),
+                                                "math500-hf, gsm8k-hf, a .jsonl/.json/.csv/.parquet file, or a "
+                                                "Hugging Face dataset id (ORG/NAME, e.g. HuggingFaceH4/MATH-500; "
+                                                "needs the datasets package and the hub)."),
+    split: Optional[str] = typer.Option(None, help="Split of a Hugging Face dataset. [default: test]"),
+    subset: Optional[str] = typer.Option(None, help="Subset (config) of a Hugging Face dataset, e.g. main for "
+                                                    "openai/gsm8k."),
     limit: Optional[int] = typer.Option(None, help="Use the first N items (a larger N extends a run). [default: all]"),
     max_thinking: opt.MaxThinkingGrid = "none",
     min_thinking: opt.MinThinkingGrid = str(opt.POLICY.min_thinking_tokens),
@@ -84,11 +91,11 @@ def eval_(
     engine = EngineChoice(model, engine_kind, base_url, tokenizer, concurrency, api_key, device, dtype, batch_size,
                           opt.plugin_choice(vllm_plugin))
     engine.check_options()
-    whole = load_benchmark(benchmark, None, question_field, answer_field, seed)
+    whole = load_benchmark(benchmark, None, question_field, answer_field, seed, split, subset)
     bench = whole.first(limit)
     asked = RunRecord.create(model, benchmark, whole.items, settings, limit, samples=samples, engine=engine_kind,
                              dtype=engine.precision(), question_field=question_field, answer_field=answer_field,
-                             format=fmt.name, sampling=sampling)
+                             split=split, subset=subset, format=fmt.name, sampling=sampling)
     with RunDir(out).writer() as run:
         def extend(asked: RunRecord) -> RunRecord:
             try:
@@ -115,7 +122,7 @@ def eval_(
             loaded = engine.open()
             run.write(record)
             opt.say_format(loaded.tokenizer, fmt, asked_format)
-            said.append(True)
+            said.append(loaded)
             return loaded
 
         # Several batches per engine call: the fast path refills finished slots from the rest.
@@ -134,7 +141,9 @@ def eval_(
         run.write(record)
         if not said:
             typer.echo(f"format {fmt.name}", err=True)
+        made = provenance(model, said[0] if said else None, previous_provenance(run.path))
         summary = write_report(run.path, settings, {"model": model, "benchmark": bench.name, "items": len(bench.items),
-                                                    "samples": samples}, [it.id for it in bench.items], samples)
+                                                    "samples": samples, "provenance": made},
+                               [it.id for it in bench.items], samples)
     print_summary(summary, run.path)
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import typer
 
-from ..evaluate.record import RunDir, RunInUse, regrade_run
+from ..data.benchmarks import is_hub_id
+from ..evaluate.record import RunDir, RunInUse, previous_provenance, regrade_run
 from ..evaluate.report import write_report
 from .app import command
 from .console import print_summary
@@ -27,8 +28,12 @@ def report(
             n = regrade_run(run.path)
             typer.echo(f"regraded {n['samples']} samples: {n['changed']} changed, {n['correct']} correct")
         items = record.items  # None: a run from before run records, reported as it stands
-        meta = {"model": record.model, "benchmark": Path(record.benchmark).stem,
+        bench = record.benchmark if is_hub_id(record.benchmark) else Path(record.benchmark).stem
+        meta = {"model": record.model, "benchmark": bench,
                 "items": record.limit if items is None else len(items), "samples": record.samples}
+        made = previous_provenance(run.path)
+        if made is not None:  # what generated the samples (eval's summary)
+            meta["provenance"] = made
         summary = write_report(run.path, record.settings, meta, items, None if items is None else record.samples)
     counts = {row["setting"]: row["n"] for row in summary["settings"]}
     for e in summary.get("errors") or []:  # a sample that could not run is done too

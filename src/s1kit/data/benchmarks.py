@@ -266,21 +266,39 @@ REGISTRY: dict[str, tuple[str, Callable[[], list[Item]]]] = {
 }
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face dataset id (``ORG/NAME``) rather than a registered name or a file."""
+    return (name not in REGISTRY and HUB_ID.fullmatch(name) is not None and not name.endswith(FILE_SUFFIXES)
+            and not Path(name).expanduser().exists())
+
+
 def load_benchmark(
     name: str,
     limit: int | None = None,
     question_field: str | None = None,
     answer_field: str | None = None,
     seed: int = 0,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> Benchmark:
-    """A registered benchmark by name, or a local file; the first ``limit`` items if given."""
+    """A registered benchmark by name, a local file, or a Hugging Face dataset id (``split``, default "test", and
+    ``subset``, its config); the first ``limit`` items if given."""
     Benchmark(name, []).first(limit)  # a bad limit fails before anything is read
+    if (split is not None or subset is not None) and not is_hub_id(name):
+        raise S1KitError(f"split and subset choose a part of a Hugging Face dataset (ORG/NAME), not of {name!r}")
     if name in REGISTRY:
         items = REGISTRY[name][1]()
+    elif is_hub_id(name):
+        items = _hub(name, split or "test", subset, question_field, answer_field)()
     else:
         path = Path(name).expanduser()
         if not path.exists():
-            raise S1KitError(f"unknown benchmark {name!r}: not one of {', '.join(REGISTRY)} nor an existing file")
+            raise S1KitError(f"unknown benchmark {name!r}: not one of {', '.join(REGISTRY)}, an existing file, nor "
+                             "a Hugging Face dataset id (ORG/NAME)")
         items = items_from_records(read_records(path), str(path), question_field, answer_field, seed)
         name = path.stem
     ids = [it.id for it in items]

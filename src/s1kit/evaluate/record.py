@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..data.benchmarks import REGISTRY, Item, load_benchmark
+from ..data.benchmarks import REGISTRY, Item, is_hub_id, load_benchmark
 from ..data.files import read_appended, write_jsonl
 from ..engines.base import SamplingParams
 from ..data.grading import GRADER_VERSION, Grader
@@ -78,6 +78,8 @@ class RunRecord:
     dtype: str | None = None
     question_field: str | None = None
     answer_field: str | None = None
+    split: str | None = None  # a Hugging Face dataset's split and subset (config)
+    subset: str | None = None
     format: str = "s1"
     temperature: float = 0.0
     top_p: float = 1.0
@@ -172,7 +174,7 @@ def identity_fields() -> list[str]:
 def benchmark_ref(benchmark: str) -> str:
     """A registered benchmark's name as it is; a file's absolute path (the record must not depend on the
     directory the eval ran in)."""
-    if benchmark in REGISTRY:
+    if benchmark in REGISTRY or is_hub_id(benchmark):
         return benchmark
     return os.path.abspath(os.path.expanduser(benchmark))
 
@@ -303,7 +305,8 @@ def regrade_run(out: Path | str) -> dict:
     run = RunDir(out)
     record = run.require()
     try:
-        bench = load_benchmark(record.benchmark, None, record.question_field, record.answer_field, record.seed or 0)
+        bench = load_benchmark(record.benchmark, None, record.question_field, record.answer_field, record.seed or 0,
+                               record.split, record.subset)
     except S1KitError as e:
         reason = str(e).split(";")[0]  # without a remedy that names options of another command
         where = ("" if os.path.isabs(record.benchmark) or record.benchmark in REGISTRY else
@@ -333,3 +336,39 @@ def regrade_run(out: Path | str) -> dict:
     write_jsonl(run.samples, stored)
     run.write(replace(record, grader=GRADER_VERSION))
     return {"samples": len(records), "changed": changed, "correct": sum(ok for *_, ok in graded)}
+
+
+def provenance(model_ref: str, engine: Any = None, previous: dict | None = None) -> dict:
+    """What made a run's numbers, for its summary: s1kit, torch and transformers versions, the date, and which
+    weights (``models.model_provenance``; the served model and URL for a remote engine). ``engine`` is the engine
+    that generated now; without one (nothing was due), ``previous`` (the last summary's) is kept, as it made the
+    samples."""
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    from .. import __version__
+    from ..models import model_provenance
+
+    if engine is None and previous:
+        return previous
+    out = {"s1kit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if engine is not None and hasattr(engine, "served_model"):  # a remote engine: the server holds the weights
+        out["model"] = {"ref": model_ref, "served_model": engine.served_model, "base_url": engine.client.base_url}
+    else:
+        out["model"] = model_provenance(model_ref, getattr(engine, "model", None))
+    return out
+
+
+def previous_provenance(out: Path) -> dict | None:
+    """The provenance in ``out/summary.json`` if one was written (a rerun that generated nothing keeps it)."""
+    try:
+        summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    found = summary.get("provenance") if isinstance(summary, dict) else None
+    return found if isinstance(found, dict) else None

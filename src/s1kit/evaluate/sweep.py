@@ -265,13 +265,14 @@ class Sweep:
         """The engine request of one job."""
         return _request(job, self.fmt, self.sampling)
 
-    def finish(self, job: _Job, c: Completion) -> dict | None:
+    def finish(self, job: _Job, c: Completion, prompt: str | None = None) -> dict | None:
         """Grade one finished sample, append it to ``samples.jsonl`` and flush (the engine calls this as each row
-        ends); a sample that rejection sampling rejects is queued again instead (None)."""
+        ends); a sample that rejection sampling rejects is queued again instead (None). ``prompt``: the rendered
+        prompt the model saw, kept with the sample."""
         if self._rejected(job, c):
             return None
         [graded] = grade_samples(self.grader, [(c.answer, c.thinking, job.item, job.item.gold)])
-        return self._store(job, c, *graded)
+        return self._store(job, c, *graded, prompt=prompt)
 
     def _rejected(self, job: _Job, c: Completion) -> bool:
         if job.setting.accept_max is None or c.thinking_tokens <= job.setting.accept_max or job.tries >= self.max_tries:
@@ -279,7 +280,7 @@ class Sweep:
         self.queue.append(replace(job, tries=job.tries + 1))  # rejected: sample again
         return True
 
-    def _store(self, job: _Job, c: Completion, pred: str, source: str, ok: bool) -> dict:
+    def _store(self, job: _Job, c: Completion, pred: str, source: str, ok: bool, prompt: str | None = None) -> dict:
         gold = job.item.gold if isinstance(job.item.gold, str) else list(job.item.gold)
         rec = {
             "setting": job.setting.key, "method": job.setting.method, "label": job.setting.label,
@@ -289,6 +290,8 @@ class Sweep:
             "finish_reason": c.finish_reason, "tries": job.tries, "probe_tokens": c.probe_tokens,
             "early_exit": c.early_exit, "answer": c.answer, "thinking": c.thinking,
         }
+        if prompt is not None:
+            rec["prompt"] = prompt
         self.store.add(rec)
         if self.on_sample:
             self.on_sample(rec)
@@ -318,17 +321,18 @@ class Sweep:
             jobs = [self.queue.popleft() for _ in range(min(chunk, len(self.queue)))]
             runnable = []
             for j in jobs:
-                request = self.request(j)
+                request, prompt = self.request(j), None
                 if prepare is not None:
                     try:
-                        prepare(request)
+                        prompt = _rendered(engine, prepare(request))
                     except CANNOT_RUN as e:
                         self.fail(j, cannot_run(e))
                         continue
-                runnable.append((j, request))
+                runnable.append((j, request, prompt))
             if runnable:
-                engine.generate([r for _, r in runnable],
-                                on_complete=lambda c, runnable=runnable: self.finish(runnable[c.request_index][0], c))
+                engine.generate([r for _, r, _ in runnable],
+                                on_complete=lambda c, runnable=runnable: self.finish(runnable[c.request_index][0], c,
+                                                                                     runnable[c.request_index][2]))
 
     def _check_settings(self, prepare: Callable[[Request], Any]) -> None:
         """Prepare a one-line question under every setting still to run: what fails there is the setting's (its
@@ -339,6 +343,13 @@ class Sweep:
                 prepare(self.request(probe))
             except CANNOT_RUN as e:
                 raise S1KitError(f"setting {setting.key} cannot run on this model: {cannot_run(e)}") from None
+
+
+def _rendered(engine: Engine, prepared: Any) -> str | None:
+    """The prompt text the model sees (chat template and thinking opener applied), from prepared prompt ids."""
+    ids = getattr(prepared, "prompt_ids", None)
+    tokenizer = getattr(engine, "tokenizer", None)
+    return None if ids is None or tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def run_sweep(
