@@ -3,12 +3,15 @@
 For runs at different compute levels, with a = mean thinking tokens of a run and f(a) its accuracy:
 Control = fraction of runs with a_min <= a <= a_max; Scaling = mean over pairs b > a of
 (f(b) - f(a)) / (b - a), in accuracy (a fraction) per thinking token; Performance = max f(a).
+Accuracy intervals are Wilson score intervals; two settings are compared on the same items by McNemar's exact test.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, defaultdict
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -16,15 +19,36 @@ import numpy as np
 SCALING_UNIT = "accuracy (fraction correct) per thinking token"
 
 
-def bootstrap_ci(correct: Sequence[bool], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of 0/1 outcomes."""
-    x = np.asarray(correct, dtype=float)
-    if x.size == 0:
+CI_METHOD = "Wilson score interval"
+
+
+def wilson_ci(correct: Sequence[bool], level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the fraction of true outcomes: never empty at 0 or n of n (0 of 6: 0%-39%, where the
+    percentile bootstrap gave 0%-0%); NaN for no outcomes."""
+    n = len(correct)
+    if n == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    k = sum(bool(c) for c in correct)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
+def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> dict:
+    """McNemar's exact test on paired outcomes (the same items under two settings): the discordant pairs
+    (``first_only`` right under the first setting alone, ``second_only`` under the second alone) and the two-sided
+    p-value of a binomial(first_only + second_only, 1/2) test that neither setting is better."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(first)} and {len(second)}")
+    b = sum(bool(x) and not bool(y) for x, y in zip(first, second))
+    c = sum(bool(y) and not bool(x) for x, y in zip(first, second))
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n if n else 1.0
+    return {"pairs": len(first), "first_only": b, "second_only": c, "p_value": min(1.0, 2 * tail)}
 
 
 def in_bounds(a: float, lo: float, hi: float | None) -> bool:
@@ -67,10 +91,10 @@ def majority_accuracy(records: Sequence[dict]) -> float:
 
 
 def summarize(records: Sequence[dict], lo: int = 0, hi: int | None = None) -> dict:
-    """Accuracy (with bootstrap 95% CI), thinking statistics and per-sample control of one setting."""
+    """Accuracy (with its 95% Wilson interval), thinking statistics and per-sample control of one setting."""
     correct = [bool(r["correct"]) for r in records]
     thinking = [r["thinking_tokens"] for r in records]
-    ci_low, ci_high = bootstrap_ci(correct)
+    ci_low, ci_high = wilson_ci(correct)
     out = {
         "n": len(records),
         "accuracy": float(np.mean(correct)) if correct else float("nan"),
@@ -100,3 +124,11 @@ def method_metrics(rows: Sequence[dict]) -> dict:
         "performance": performance(pts),
         "settings": len(rows),
     }
+
+
+def paired_outcomes(first: Sequence[dict], second: Sequence[dict]) -> tuple[list[bool], list[bool]]:
+    """The outcomes of the samples both settings graded (the same item and sample index), in one order."""
+    a = {(r["item_id"], r["sample"]): bool(r["correct"]) for r in first}
+    b = {(r["item_id"], r["sample"]): bool(r["correct"]) for r in second}
+    shared = sorted(a.keys() & b.keys(), key=str)
+    return [a[k] for k in shared], [b[k] for k in shared]

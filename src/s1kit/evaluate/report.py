@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..plots import saved_figure
-from .metrics import SCALING_UNIT, method_metrics, summarize
+from .metrics import CI_METHOD, SCALING_UNIT, mcnemar_exact, method_metrics, paired_outcomes, summarize
 from .sweep import METHODS, SampleStore, Setting, is_error, selected
 
 
@@ -40,12 +40,26 @@ def build_summary(records: Sequence[dict], settings: Sequence[Setting], meta: di
         **(meta or {}),
         "settings": rows,
         "methods": methods,
+        "comparisons": comparisons(rows, by_setting),
+        "ci_method": CI_METHOD,
         "control": head.get("control"),
         "scaling": head.get("scaling"),
         "performance": head.get("performance"),
         "scaling_unit": SCALING_UNIT,
         "errors": errors,  # samples that could not run (their item, e.g. too long): not in any accuracy
     }
+
+
+def comparisons(rows: Sequence[dict], by_setting: dict[str, list[dict]]) -> list[dict]:
+    """Each method's settings in order of compute, each against the next on the samples both graded: McNemar's exact
+    test (does the next budget change accuracy on the same items?)."""
+    out = []
+    for m in METHODS:
+        mrows = sorted((r for r in rows if r["method"] == m), key=compute_tokens)
+        for a, b in zip(mrows, mrows[1:]):
+            first, second = paired_outcomes(by_setting[a["setting"]], by_setting[b["setting"]])
+            out.append({"method": m, "first": a["setting"], "second": b["setting"], **mcnemar_exact(first, second)})
+    return out
 
 
 def compute_tokens(row: dict) -> float:
@@ -79,12 +93,32 @@ def _fmt(x: float | None, pct: bool = False, digits: int = 1) -> str:
     return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
 
 
+def cell(text: object) -> str:
+    """Text for a markdown table cell: a ``|`` (``words=Wait|So``) would end the cell, a newline the row."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _p(p: float) -> str:
+    return "–" if p != p else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def methods_table(methods: dict) -> list[str]:
     """The Control / Scaling / Performance table (s1 Table 3 style) as markdown lines."""
     lines = ["| method | Control % | Scaling | Performance % | settings |", "|---|---|---|---|---|"]
     for m, v in methods.items():
         sc = "–" if v["scaling"] is None else f"{v['scaling']:.2e}"
-        lines.append(f"| {m} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | {v['settings']} |")
+        lines.append(f"| {cell(m)} | {_fmt(v['control'], True)} | {sc} | {_fmt(v['performance'], True)} | "
+                     f"{v['settings']} |")
+    return lines
+
+
+def comparisons_table(pairs: Sequence[dict]) -> list[str]:
+    """The paired comparisons (McNemar's exact test) as markdown lines."""
+    lines = ["| method | setting | next setting | paired samples | right only under the first | right only under the "
+             "next | McNemar exact p |", "|---|---|---|---|---|---|---|"]
+    for c in pairs:
+        lines.append(f"| {cell(c['method'])} | {cell(c['first'])} | {cell(c['second'])} | {c['pairs']} | "
+                     f"{c['first_only']} | {c['second_only']} | {_p(c['p_value'])} |")
     return lines
 
 
@@ -95,7 +129,7 @@ def render_markdown(summary: dict) -> str:
         lines += [f"{summary['items']} items per setting.", ""]
     probed = any(r.get("mean_probe_tokens") for r in summary["settings"])
     extra = " mean probe tokens | early exit % |" if probed else ""
-    lines += ["| setting | accuracy % | 95% CI | mean thinking | control | cap hit % | waits | n |" + extra,
+    lines += ["| setting | accuracy % | 95% CI (Wilson) | mean thinking | control | cap hit % | waits | n |" + extra,
               "|---|---|---|---|---|---|---|---|" + ("---|---|" if probed else "")]
     for r in summary["settings"]:
         acc = _fmt(r["accuracy"], True)
@@ -103,10 +137,15 @@ def render_markdown(summary: dict) -> str:
             acc += f" (maj {_fmt(r['majority_accuracy'], True)})"
         more = (f" {_fmt(r.get('mean_probe_tokens'))} | {_fmt(r.get('early_exit_rate'), True, 0)} |"
                 if probed else "")
-        lines.append(f"| {r['setting']} | {acc} | {_fmt(r['ci_low'], True)}–{_fmt(r['ci_high'], True)} | "
+        lines.append(f"| {cell(r['setting'])} | {acc} | {_fmt(r['ci_low'], True)}–{_fmt(r['ci_high'], True)} | "
                      f"{_fmt(r['mean_thinking_tokens'])} | {_fmt(r['control'], True, 0)}% | "
                      f"{_fmt(r['hit_cap_rate'], True, 0)} | {_fmt(r['mean_waits'], digits=2)} | {r['n']} |" + more)
     lines += ["", *methods_table(summary["methods"])]
+    pairs = summary.get("comparisons") or []
+    if pairs:
+        lines += ["", "Each setting against the next of its method by compute, on the samples both graded (McNemar's "
+                  "exact test: a small p says the two settings differ in accuracy on the same items):", "",
+                  *comparisons_table(pairs)]
     blank = sum(r.get("graded_from_thinking", 0) for r in summary["settings"])
     if blank:
         lines += ["", f"{blank} sample(s) ended their turn while thinking, with a blank answer: their thinking was "
