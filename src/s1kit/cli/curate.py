@@ -45,7 +45,8 @@ def curate(
     solution_traces: bool = typer.Option(True, help="Use a row's solution as its trace when it has none "
                                                     "(and no teacher gave one)."),
     workdir: Optional[Path] = typer.Option(None, help="Cache of model results (resumable). [default: OUT.work]"),
-    format: str = typer.Option("s1", "--format", help="Thinking format of the model stages: s1 or r1."),
+    format: str = typer.Option(opt.FORMAT, "--format", help="Thinking format of the model stages: auto (each model's "
+                                                           "own, from its tokenizer and chat template), s1 or r1."),
     engine_kind: opt.EngineKind = "hf",
     base_url: opt.BaseUrl = None,
     batch_size: opt.BatchSize = 16,
