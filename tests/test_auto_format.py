@@ -180,6 +180,7 @@ def test_auto_refuses_a_vocabulary_without_thinking_delimiters(r1_distill):
 @pytest.mark.parametrize("kwargs, message", [
     ({"tokenize": True}, "may not set 'tokenize'"),
     ({"add_generation_prompt": False}, "may not set 'add_generation_prompt'"),
+    ({"self": 1}, "may not set 'self'"),  # apply_chat_template's own parameters: a TypeError there, not a 500
     ({"enable_thinking": {"x": 1}}, "must be a boolean, number, string or null"),
     ({"not a name": 1}, "is not a name"),
     (["enable_thinking"], "must be an object"),

@@ -52,9 +52,10 @@ class ThinkingFormat:
 
 
 # Keys apply_chat_template sets itself: a chat_template_kwargs entry may not change them.
-_RESERVED = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
-                       "return_dict", "return_tensors", "chat_template", "tools", "documents", "padding",
-                       "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"})
+_RESERVED = frozenset({"self", "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                       "return_dict", "return_tensors", "chat_template", "tools", "documents", "padding", "truncation",
+                       "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask", "sanitize_control_tokens",
+                       "kwargs"})
 
 
 def template_kwargs(kwargs: Mapping[str, Any] | Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:

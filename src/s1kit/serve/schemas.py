@@ -231,7 +231,7 @@ class _GenerationRequest(BaseModel):
         try:
             return resolve_format(tokenizer, fmt, self.chat_template_kwargs)
         except Exception as e:  # jinja2's TemplateError: the template raised on these arguments
-            if isinstance(e, ValueError) or type(e).__name__ == "TemplateError":
+            if isinstance(e, (ValueError, TypeError)) or type(e).__name__ == "TemplateError":
                 raise ValueError(f"chat_template_kwargs: {e}") from None
             raise
 
