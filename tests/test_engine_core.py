@@ -148,3 +148,23 @@ def test_gpu_core_joins_aborts_and_stops_inside_cuda_graphs():
     assert all(len(r.trace.thinking_ids) == 150 and r.trace.hit_cap for r in rows[1:])
     assert stopped_at <= len(stop.trace.thinking_ids) <= stopped_at + 2 * dec.sync_every and stop.trace.hit_cap
     assert dec.stats["rows"] == 6
+
+
+def test_a_request_that_cannot_sample_fails_alone_and_generate_can_go_on_without_it(engine):
+    """The plain loop: a sampled row whose distribution is not finite (a temperature of 1e-300 forced past
+    ``SamplingParams``' check) fails its own request with a ``RequestError``. ``generate`` raises it by default; with
+    ``on_error`` it reports the request and returns the others, unchanged (eval stores such an item as an error)."""
+    from s1kit import SamplingParams
+    from s1kit.errors import RequestError
+
+    core = HFEngine(engine.model, engine.tokenizer, batch_size=4)
+    broken = SamplingParams(temperature=1.0, seed=1, n=2)
+    object.__setattr__(broken, "temperature", 1e-300)
+    good = [Request("Name a colour.", exact(6)), Request("Say hi.", exact(4))]
+    reqs = [good[0], Request("Name a fruit.", exact(6), sampling=broken), good[1]]
+    with pytest.raises(RequestError, match="not finite"):
+        core.generate(reqs)
+    failed = []
+    out = core.generate(reqs, on_error=lambda i, e: failed.append((i, type(e).__name__)))
+    assert failed == [(1, "RequestError")] and not core.has_work
+    assert [c.token_ids for c in out] == [c.token_ids for c in core.generate(good)]

@@ -65,9 +65,9 @@ def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engi
     class Counting:  # the real engine, counting how many sequences it is asked for
         tokenizer = engine.tokenizer
 
-        def generate(self, requests, on_progress=None, on_complete=None):
+        def generate(self, requests, on_progress=None, on_complete=None, on_error=None):
             calls.append(len(requests))
-            return engine.generate(requests, on_progress, on_complete)
+            return engine.generate(requests, on_progress, on_complete, on_error)
 
     records = run_sweep(Counting(), bench, settings, out, max_tries=3)
     assert len(records) == len(settings) * 3

@@ -138,8 +138,10 @@ class Engine(Protocol):
         ...
 
     def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
-                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
-        """Completions for ``requests``, ``n`` per request, in request order."""
+                 on_complete: Callable[[Completion], None] | None = None,
+                 on_error: Callable[[int, Exception], None] | None = None) -> list[Completion]:
+        """Completions for ``requests``, ``n`` per request, in request order (``on_error``: requests that fail
+        alone are reported there and left out, see ``EngineCore.generate``)."""
         ...
 
 

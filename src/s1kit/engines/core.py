@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any, Callable, NamedTuple, Sequence
 
 from ..budget import ForcingTokens, Trace
+from ..errors import RequestError
 from ..formats import render_prompt
 from ..forcing import context_cap
 from .base import Completion, Request, SamplingParams, make_completion
@@ -219,22 +220,34 @@ class EngineCore:
             h.on_update(row)
 
     def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
-                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+                 on_complete: Callable[[Completion], None] | None = None,
+                 on_error: Callable[[int, RequestError], None] | None = None) -> list[Completion]:
         """Completions for ``requests``, ``n`` per request, in request order: all of them or an error.
 
         ``on_progress(k)`` counts finished sequences; ``on_complete(completion)`` receives each one as soon as it
-        ends (in any order). Every request is prepared (validated) before anything decodes."""
+        ends (in any order). Every request is prepared (validated) before anything decodes. With ``on_error``, a
+        request that fails alone (``RequestError``: it cannot be sampled, a server refuses it) is handed to it as
+        ``(request index, error)`` and left out of the result while the others go on; any other failure still
+        ends the call."""
         if self.has_work:
             raise RuntimeError("generate() needs an idle engine core; a server drives it through add/step")
         prepared = [self.prepare(r) for r in requests]
 
         failed: list[BaseException] = []
+        alone: set[int] = set()  # requests that failed alone, reported to on_error
 
         def listener(row: Row) -> None:
             if not row.done:
                 return
-            if row.handle.error is not None:
-                failed.append(row.handle.error)
+            h = row.handle
+            if h.error is not None:
+                if on_error is not None and isinstance(h.error, RequestError):
+                    if h.request_index not in alone:
+                        alone.add(h.request_index)
+                        self.abort(h)  # its other samples stop too
+                        on_error(h.request_index, h.error)
+                    return
+                failed.append(h.error)
                 return
             if on_progress is not None:
                 on_progress(1)
@@ -256,4 +269,4 @@ class EngineCore:
                 if h is not None:
                     self.abort(h)
             raise
-        return [c for h in handles for c in h.completions()]
+        return [c for i, h in enumerate(handles) if i not in alone for c in h.completions()]

@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..budget import BudgetState
-from ..errors import S1KitError
+from ..errors import RequestError
 from ..forcing import ForcingCompiler
 from .base import SamplingParams, cache_kwargs
 from .core import EngineCore, Row
@@ -147,7 +147,7 @@ class _Place:
 
 def _fail_row(row: Row, problem: str) -> None:
     """End one row with an error of its request's own (the engine core reports it for that request alone)."""
-    row.handle.error = row.handle.error or S1KitError(problem)
+    row.handle.error = row.handle.error or RequestError(problem)
     row.trace.end("error")
 
 

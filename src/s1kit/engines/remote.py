@@ -250,11 +250,12 @@ class RemoteEngine(EngineCore):
         return bool(self.plugin) and ForcedPath.takes(request)
 
     def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
-                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+                 on_complete: Callable[[Completion], None] | None = None,
+                 on_error: Callable[[int, Exception], None] | None = None) -> list[Completion]:
         """Completions for ``requests`` (see ``EngineCore.generate``); warns once if sampled sequences on the vLLM
         processor hold a wait string the model may have written itself where a Wait was due."""
         guessed = self.guessed_waits
-        out = super().generate(requests, on_progress, on_complete)
+        out = super().generate(requests, on_progress, on_complete, on_error)
         if self.guessed_waits > guessed:
             warnings.warn(f"{self.guessed_waits - guessed} sampled sequence(s) hold a wait string the model may have "
                           "written itself where a Wait was due: their waits_used counts it as forced (the tokens "

@@ -332,7 +332,8 @@ class Sweep:
             if runnable:
                 engine.generate([r for _, r, _ in runnable],
                                 on_complete=lambda c, runnable=runnable: self.finish(runnable[c.request_index][0], c,
-                                                                                     runnable[c.request_index][2]))
+                                                                                     runnable[c.request_index][2]),
+                                on_error=lambda i, e, runnable=runnable: self.fail(runnable[i][0], str(e)))
 
     def _check_settings(self, prepare: Callable[[Request], Any]) -> None:
         """Prepare a one-line question under every setting still to run: what fails there is the setting's (its
