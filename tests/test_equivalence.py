@@ -12,7 +12,7 @@ by hypothesis: caps, minimums, Waits with several strings, graceful caps and ear
 """
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from s1kit import BudgetPolicy, Request, ThinkingFormat
@@ -65,7 +65,18 @@ def _record(c):
             c.finish_reason, c.probe_tokens)
 
 
+COVERED = [  # always run (besides the drawn ones): every kind of forcing at least once
+    Request(PROMPTS[2], BudgetPolicy(max_thinking_tokens=16, cap_grace=6, max_answer_tokens=3), PLAIN),
+    Request(PROMPTS[0], BudgetPolicy(max_thinking_tokens=28, num_waits=2, wait_strings=("Wait", " Hmm,"),
+                                     max_answer_tokens=3), PLAIN),
+    Request(PROMPTS[2], BudgetPolicy(max_thinking_tokens=28, early_exit=EarlyExit(every=6, agree=2, probe_tokens=4),
+                                     max_answer_tokens=3), PLAIN),
+    Request(PROMPTS[1], BudgetPolicy(max_thinking_tokens=10, min_thinking_tokens=10, max_answer_tokens=3), "s1"),
+]
+
+
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@example(reqs=COVERED)
 @given(reqs=requests())
 def test_every_engine_gives_the_same_tokens_and_counts(engine, servers, reqs):
     forced, loop = servers
