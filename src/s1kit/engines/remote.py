@@ -34,7 +34,6 @@ from typing import Any, Callable, Sequence
 from ..budget import BudgetState, Phase
 from ..errors import S1KitError
 from ..forcing import ForcingCompiler, context_cap
-from ..formats import render_prompt
 from .base import Completion, Request, SamplingParams
 from .core import EngineCore, Prepared, Row
 from .probe import normalized_answer
@@ -232,18 +231,17 @@ class RemoteEngine(EngineCore):
 
     def prepare(self, request: Request) -> Prepared:
         """Prompt ids, compiled forcing tokens and effective cap of a request (validates the format)."""
-        text = render_prompt(self.tokenizer, request.prompt, request.format, request.system)
-        ids = self.encode(text)
-        tokens = self.compile(request.format, request.policy)
+        prepared = super().prepare(request)  # rendered, encoded, compiled; the cap fits the context (0: thinking off)
         ee = request.policy.early_exit
         if ee is not None and ee.words and not self.server.stops_on_ids:
             raise S1KitError("early-exit words need a server that stops on token ids (vLLM, SGLang); this one stops "
                              "on text, where a word cannot be told from the inside of another: probe every N tokens")
-        plugin = self._uses_plugin(request)
-        if plugin:
-            self.forced.check(tokens)
+        if not self._uses_plugin(request):
+            return prepared
+        ids, tokens, _ = prepared
+        self.forced.check(tokens)
         # forced in the server, the sequence also holds the end token forced after an answer budget
-        return Prepared(ids, tokens, context_cap(request.policy, tokens, len(ids) + plugin, self.max_context))
+        return prepared._replace(cap=context_cap(request.policy, tokens, len(ids) + 1, self.max_context))
 
     def _uses_plugin(self, request: Request) -> bool:
         """Whether a request runs as one request on the server's processor."""

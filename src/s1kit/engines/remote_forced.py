@@ -58,9 +58,9 @@ class ForcedPath:
 
     @staticmethod
     def takes(request: Request) -> bool:
-        """Whether the processor can run ``request`` alone: early exit needs the loop's probes and a graceful cap
-        the loop's machine (the processor's wire format carries neither)."""
-        return request.policy.early_exit is None and not request.policy.cap_grace
+        """Whether the processor can run ``request`` alone: early exit needs the loop's probes, a graceful cap and a
+        template that turned thinking off the loop's machine (the processor's wire format carries none of them)."""
+        return request.policy.early_exit is None and not request.policy.cap_grace and not request.format.closed
 
     def check(self, tokens: ForcingTokens) -> None:
         """Refuse forcing tokens that would end the request inside vLLM (a forced text holding an end token)."""
