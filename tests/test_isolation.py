@@ -85,7 +85,7 @@ def server(engine):
 
 
 def body(prompt="What is 2+2?", **kw):
-    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 3, "temperature": 0,
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_answer_tokens": 3, "temperature": 0,
             "thinking_budget": {"min_tokens": 3, "max_tokens": 3}, **kw}
 
 
@@ -363,7 +363,8 @@ def _steer(b: dict) -> None:
     """Make a drawn body likely to reach the engine (the schema cannot say every rule: a user turn last, neutral
     penalties, the served model), keeping its drawn sampling and budget fields."""
     b["model"] = MODEL
-    for key in ("stop", "logprobs", "presence_penalty", "frequency_penalty"):
+    for key in ("stop", "logprobs", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
+                "top_logprobs", "logit_bias", "thinking_token_budget"):  # refused unless neutral; one budget field
         b.pop(key, None)
     for key in ("max_tokens", "max_completion_tokens"):
         if isinstance(b.get(key), int) and b[key] > 3:

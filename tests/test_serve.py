@@ -59,10 +59,10 @@ def health(server) -> dict:
     return httpx.get(server + "/health").json()
 
 
-def chat(client, prompt, budget, max_tokens=6, temperature=0, **kw):
+def chat(client, prompt, budget, max_tokens=6, temperature=0, **kw):  # max_tokens: the answer budget here
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=max_tokens, temperature=temperature,
-                                          extra_body={"thinking_budget": budget}, **kw)
+                                          temperature=temperature,
+                                          extra_body={"thinking_budget": budget, "max_answer_tokens": max_tokens}, **kw)
 
 
 def reassemble(chunks):
@@ -115,8 +115,9 @@ def test_64_concurrent_streams_with_different_budgets_have_no_cross_talk(engine,
 
     async def one(prompt, n):
         chunks = [c async for c in await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"thinking_budget": {"min_tokens": n, "max_tokens": n}})]
+            model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"thinking_budget": {"min_tokens": n, "max_tokens": n}, "max_answer_tokens": 4})]
         reasoning, content, _, usage = reassemble(chunks)
         return reasoning[0], content[0], usage.completion_tokens_details.reasoning_tokens
 
@@ -135,7 +136,7 @@ def test_64_concurrent_streams_with_different_budgets_have_no_cross_talk(engine,
 
 def test_stop_thinking_endpoint_closes_a_running_request(server):
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {**_body(max_tokens=6, thinking_budget={"min_tokens": 3000, "max_tokens": 3000}), "stream": True}
+    body = {**_body(max_answer_tokens=6, thinking_budget={"min_tokens": 3000, "max_tokens": 3000}), "stream": True}
     assert httpx.post(server + "/v1/requests/nope/stop_thinking", headers=headers).status_code == 404
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
         assert r.status_code == 200
@@ -155,14 +156,16 @@ def test_stop_thinking_endpoint_closes_a_running_request(server):
 
 
 def test_text_completions_and_models(client):
-    r = client.completions.create(model=MODEL, prompt=["What is 3+4?", "Name a planet."], max_tokens=4,
-                                  temperature=0, extra_body={"thinking_budget": {"min_tokens": 6, "max_tokens": 6}})
+    r = client.completions.create(model=MODEL, prompt=["What is 3+4?", "Name a planet."], temperature=0,
+                                  extra_body={"thinking_budget": {"min_tokens": 6, "max_tokens": 6},
+                                              "max_answer_tokens": 4})
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.text.startswith("Final Answer:") and c.reasoning_content for c in r.choices)
     assert r.usage.completion_tokens_details.reasoning_tokens == 12
-    stream = client.completions.create(model=MODEL, prompt=["What is 3+4?", "Name a planet."], max_tokens=4,
+    stream = client.completions.create(model=MODEL, prompt=["What is 3+4?", "Name a planet."],
                                        temperature=0, stream=True,
-                                       extra_body={"thinking_budget": {"min_tokens": 6, "max_tokens": 6}})
+                                       extra_body={"thinking_budget": {"min_tokens": 6, "max_tokens": 6},
+                                                   "max_answer_tokens": 4})
     text, reasoning = {0: "", 1: ""}, {0: "", 1: ""}
     for ch in stream:
         for c in ch.choices:
@@ -189,8 +192,8 @@ def test_reasoning_effort_and_budget_shorthands():
         return ChatCompletionRequest.model_validate(
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}).policy()
 
-    assert EFFORT_BUDGETS == {"low": 256, "medium": 1024, "high": 4096}
-    assert policy() == BudgetPolicy(max_thinking_tokens=1024, max_answer_tokens=512)  # medium, like OpenAI
+    assert EFFORT_BUDGETS == {"none": 0, "minimal": 64, "low": 256, "medium": 1024, "high": 4096}
+    assert policy() == BudgetPolicy(max_answer_tokens=512)  # no thinking cap unless asked (the context bounds it)
     assert policy(reasoning_effort="low", max_tokens=32) == BudgetPolicy(max_thinking_tokens=256, max_answer_tokens=32)
     assert policy(thinking_budget=100) == BudgetPolicy(max_thinking_tokens=100, max_answer_tokens=512)
     assert policy(thinking_budget={}) == BudgetPolicy(max_answer_tokens=512)  # explicitly uncapped
@@ -208,7 +211,7 @@ def _post(server, body, key=KEY, path="/v1/chat/completions"):
 
 
 def _body(**kw):
-    return {"model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 4, **kw}
+    return {"model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_answer_tokens": 4, **kw}
 
 
 @pytest.mark.parametrize("body, status, needle", [
@@ -224,7 +227,7 @@ def _body(**kw):
     (_body(reasoning_effort="low", thinking_budget=64), 422, "either thinking_budget or reasoning_effort"),
     (_body(extra_body={"thinking_budget": 8}, thinking_budget=9), 422, "both in the body and in extra_body"),
     (_body(temperature=3), 422, "temperature"),
-    (_body(stop=["\n"]), 422, "stop is not supported"),
+    (_body(stop=[""]), 422, "stop strings must not be empty"),
     (_body(messages=[]), 422, "messages"),
     (_body(messages=[{"role": "user", "content": "   "}]), 422, "non-empty user message"),
     (_body(messages=[{"role": "tool", "content": "x"}]), 422, "messages.0.role"),
@@ -259,7 +262,7 @@ def _wait_for(predicate, timeout=120):
 
 
 def test_a_client_that_disconnects_stops_costing_work(server):
-    big = _body(max_tokens=8, thinking_budget={"min_tokens": 4000, "max_tokens": 4000})
+    big = _body(max_answer_tokens=8, thinking_budget={"min_tokens": 4000, "max_tokens": 4000})
     before = health(server)
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", server + "/v1/chat/completions", json={**big, "stream": True}, headers=headers,

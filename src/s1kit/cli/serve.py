@@ -37,6 +37,9 @@ def serve(
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     vllm_plugin: opt.VllmPlugin = "auto",
+    default_thinking_budget: Optional[int] = typer.Option(
+        None, help="Thinking cap (tokens) of requests that name no thinking budget (thinking_budget, "
+                   "thinking_token_budget or reasoning_effort). [default: no cap; the context window bounds thinking]"),
     drain_timeout: float = typer.Option(30.0, help="On SIGTERM or Ctrl-C: seconds the requests in flight get to "
                                                    "finish; then each still running ends with a 503 error (in its "
                                                    "stream, as the last event). New requests are refused at once."),
@@ -52,13 +55,15 @@ def serve(
         raise S1KitError(f"--max-model-len must be >= 64, got {max_model_len}")
     if api_key is not None and not api_key.strip():
         raise S1KitError("--api-key must not be empty")
+    if default_thinking_budget is not None and default_thinking_budget < 0:
+        raise S1KitError(f"--default-thinking-budget must be >= 0, got {default_thinking_budget}")
     if not drain_timeout >= 0:
         raise S1KitError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     asked = opt.format_choice(format)
     choice = EngineChoice(model, engine_kind, base_url, tokenizer, api_key=upstream_api_key, device=device,
                           dtype=dtype, batch_size=max_batch_size, plugin=opt.plugin_choice(vllm_plugin))
     choice.check_options()
-    require_extra("serve", "fastapi", "uvicorn")
+    require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
     try:  # fail now, not after loading the model
         with socket.create_server((host, port)):
             pass
@@ -76,5 +81,8 @@ def serve(
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
     name = served_model_name or model
     opt.say_format(engine.tokenizer, fmt, asked)
-    typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size})", err=True)
-    make_server(create_app(engine, name, api_key=api_key, format=fmt), host, port, drain_timeout).run()
+    thinking = "no default thinking cap" if default_thinking_budget is None else \
+        f"default thinking cap {default_thinking_budget}"
+    typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (max batch {max_batch_size}, {thinking})", err=True)
+    app = create_app(engine, name, api_key=api_key, format=fmt, default_thinking_budget=default_thinking_budget)
+    make_server(app, host, port, drain_timeout).run()

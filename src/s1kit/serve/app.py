@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API: chat and text completions with per-request thinking budgets.
 
-Responses carry the thinking in ``reasoning_content`` (the field vLLM and DeepSeek use), the answer in
-``content`` / ``text``, and the thinking-token count in ``usage.completion_tokens_details.reasoning_tokens``.
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+Responses carry the thinking in ``reasoning`` (vLLM's field since it dropped ``reasoning_content``) and, for older
+clients, the same text in ``reasoning_content``; the answer in ``content`` / ``text``, and the thinking-token count
+in ``usage.completion_tokens_details.reasoning_tokens``. Errors use OpenAI's shape, ``{"error": {"message", "type",
+"param", "code"}}``. ``/metrics`` serves Prometheus metrics, ``/version`` what runs.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any, AsyncIterator, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .. import __version__
 from ..engines.base import Completion, Engine, Request
 from ..formats import ThinkingFormat, resolve_format
-from .schemas import ChatCompletionRequest, CompletionRequest
-from .worker import Delta, EngineWorker, Job, JobError
+from .metrics import Metrics, RequestCounter
+from .schemas import ChatCompletionRequest, CompletionRequest, FieldError
+from .worker import Delta, EngineWorker, Job, JobError, Limits
 
 GenerationRequest = Union[ChatCompletionRequest, CompletionRequest]
 _DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
@@ -49,18 +52,40 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(_error_body(message, kind, param, code), status_code=status)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+
+def _where(loc: Any) -> str:
+    """A pydantic error location as the request's field path: without the leading ``body`` and without the members
+    of union types (``function-after[_utf8(), str]``, ``bool``, ``constrained-int``, a message's role)."""
+    parts: list[str] = []
+    previous: Any = None
+    for part in list(loc)[1:]:
+        if isinstance(part, int) or (isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS
+                                     and not (part in _ROLES and isinstance(previous, int))):
+            parts.append(str(part))
+        previous = part
+    return ".".join(parts)
+
+
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return _error(400, "the request body is not valid JSON", code="invalid_json")
-    first = errors[0]
-    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None  # drop the leading "body"
-    msgs = []
+    params, msgs = [], []
     for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ())[1:])
+        where = _where(e.get("loc", ()))
+        if e.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # a message's role
+            tag = str((e.get("ctx") or {}).get("discriminator", "")).strip("'")
+            where = f"{where}.{tag}" if where else tag
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):  # a check across fields names the one at fault
+            where = f"{where}.{cause.param}" if where else cause.param
+        params.append(where or None)
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        msgs.append(f"{where}: {msg}" if where else msg)
-    return _error(422, "; ".join(msgs), param=param)
+        msgs.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
+    return _error(422, "; ".join(msgs), param=params[0])
 
 
 def _usage(completions: list[Completion]) -> dict:
@@ -74,6 +99,11 @@ def _finish(c: Completion) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
+def _reasoning(text: str) -> dict:
+    """The thinking under both names: ``reasoning`` (vLLM now) and ``reasoning_content`` (older vLLM, DeepSeek)."""
+    return {"reasoning": text, "reasoning_content": text}
+
+
 def _thinking_stats(c: Completion) -> dict:
     return {"tokens": c.thinking_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
             "early_exit": c.early_exit, "probe_tokens": c.probe_tokens}
@@ -82,8 +112,11 @@ def _thinking_stats(c: Completion) -> dict:
 class _Api:
     """Request handling shared by the routes: budgets in, the engine worker, OpenAI-shaped responses out."""
 
-    def __init__(self, engine: Engine, model_name: str, fmt: ThinkingFormat) -> None:
+    def __init__(self, engine: Engine, model_name: str, fmt: ThinkingFormat, default_thinking: int | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.engine, self.model_name, self.fmt = engine, model_name, fmt
+        self.default_thinking = default_thinking
+        self.metrics = metrics
         self.worker: EngineWorker | None = None
         self.running: dict[str, Job] = {}  # response id and X-Request-Id -> job, while it runs
         self.created = int(time.time())
@@ -99,12 +132,14 @@ class _Api:
             param, message = refused
             return _error(400, message, param=param, code="invalid_value")
         chat = isinstance(body, ChatCompletionRequest)
-        policy, sampling = body.policy(), body.sampling()
+        policy, sampling = body.policy(self.default_thinking), body.sampling()
         try:
             fmt = body.thinking_format(self.fmt, self.engine.tokenizer)
         except ValueError as e:
             return _error(400, str(e), param="chat_template_kwargs", code="invalid_value")
-        job = Job([Request(p, policy, fmt, sampling) for p in body.prompts()], stream=body.stream)
+        limits = Limits(body.completion_limit, body.stop_strings, body.include_stop_str_in_output,
+                        body.max_answer_tokens)
+        job = Job([Request(p, policy, fmt, sampling) for p in body.prompts()], stream=body.stream, limits=limits)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ids = [rid] + [i for i in [http.headers.get("x-request-id")] if i and i not in self.running]
         self.running.update((i, job) for i in ids)
@@ -125,7 +160,9 @@ class _Api:
                 event = await self._next(job, http)
                 if isinstance(event, JobError):
                     raise event
-            return JSONResponse(self._response(event, rid, chat), headers={"X-Request-Id": ids[-1]})
+            self._finished(job, event, chat)
+            return JSONResponse(self._response(event, rid, chat, body.include_reasoning),
+                                headers={"X-Request-Id": ids[-1]})
         except JobError as e:
             return _error(e.status, e.message, e.kind)
         except _ClientGone:
@@ -133,6 +170,10 @@ class _Api:
         finally:
             if not streaming:
                 self._done(job, ids)
+
+    def _finished(self, job: Job, completions: list[Completion], chat: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(job, completions, "chat" if chat else "completions")
 
     def _done(self, job: Job, ids: list[str]) -> None:
         """The handler is done with ``job``: forget its ids, and stop its work if it still runs."""
@@ -169,14 +210,14 @@ class _Api:
         if self.worker is not None:
             self.worker.drain(timeout)
 
-    def _response(self, completions: list[Completion], rid: str, chat: bool) -> dict:
+    def _response(self, completions: list[Completion], rid: str, chat: bool, reasoning: bool = True) -> dict:
         choices = []
         for i, c in enumerate(completions):
+            thinking = _reasoning(c.thinking) if reasoning else {}
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": c.answer,
-                                                  "reasoning_content": c.thinking}}
+                choice = {"index": i, "message": {"role": "assistant", "content": c.answer, **thinking}}
             else:
-                choice = {"index": i, "text": c.answer, "reasoning_content": c.thinking}
+                choice = {"index": i, "text": c.answer, **thinking}
             choices.append({**choice, "logprobs": None, "finish_reason": _finish(c), "thinking": _thinking_stats(c)})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": _usage(completions)}
@@ -190,16 +231,15 @@ class _Api:
         def chunk(choices: list[dict], **extra: Any) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
 
-        def delta_choice(d: Delta) -> dict:
+        def delta_choice(d: Delta) -> dict | None:
+            thinking = _reasoning(d.reasoning) if d.reasoning and body.include_reasoning else {}
+            if not thinking and not d.content:
+                return None
             if chat:
-                delta: dict[str, str] = {}
-                if d.reasoning:
-                    delta["reasoning_content"] = d.reasoning
-                if d.content:
-                    delta["content"] = d.content
+                delta = dict(thinking, **({"content": d.content} if d.content else {}))
                 return {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": None}
-            return {"index": d.index, "text": d.content, "reasoning_content": d.reasoning, "logprobs": None,
-                    "finish_reason": None}
+            return {"index": d.index, "text": d.content, **(thinking or _reasoning("") if body.include_reasoning
+                                                             else {}), "logprobs": None, "finish_reason": None}
 
         try:
             if chat:
@@ -208,13 +248,17 @@ class _Api:
             event = first
             while True:
                 if isinstance(event, Delta):
-                    yield chunk([delta_choice(event)])
+                    choice = delta_choice(event)
+                    if choice is not None:
+                        yield chunk([choice])
                 elif isinstance(event, JobError):  # after the stream began: report it in the stream
                     yield f"data: {json.dumps(_error_body(event.message, event.kind))}\n\n"
                     break
                 else:
+                    self._finished(job, event, chat)
                     for i, c in enumerate(event):
-                        end = {"delta": {}} if chat else {"text": "", "reasoning_content": ""}
+                        end = {"delta": {}} if chat else {"text": "", **(_reasoning("") if body.include_reasoning
+                                                                            else {})}
                         yield chunk([{"index": i, **end, "logprobs": None, "finish_reason": _finish(c),
                                       "thinking": _thinking_stats(c)}])
                     if body.include_usage:
@@ -244,10 +288,17 @@ class _BearerAuth:
 
 
 def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | None = None,
-               format: str | ThinkingFormat = "auto") -> FastAPI:
+               format: str | ThinkingFormat = "auto", default_thinking_budget: int | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` makes ``/v1/*`` need a bearer token; ``format``
-    (``auto``: from the model's tokenizer and chat template) is resolved against the engine's tokenizer."""
-    api = _Api(engine, model_name, resolve_format(engine.tokenizer, format))
+    (``auto``: from the model's tokenizer and chat template) is resolved against the engine's tokenizer;
+    ``default_thinking_budget`` caps the thinking of requests that name no thinking budget (default: no cap, the
+    context window bounds it)."""
+    if default_thinking_budget is not None and (isinstance(default_thinking_budget, bool) or not isinstance(
+            default_thinking_budget, int) or default_thinking_budget < 0):
+        raise ValueError(f"default_thinking_budget must be an integer >= 0, got {default_thinking_budget!r}")
+    fmt = resolve_format(engine.tokenizer, format)
+    metrics = Metrics(lambda: api.worker)
+    api = _Api(engine, model_name, fmt, default_thinking_budget, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -265,6 +316,7 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
 
     if api_key is not None:
         app.add_middleware(_BearerAuth, api_key=api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -286,6 +338,18 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
         return JSONResponse({"status": status, "model": model_name, **extra, **stats},
                             status_code=200 if status == "ok" else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Any:
+        """Prometheus metrics: requests by endpoint and status, prompt / completion / thinking tokens, finished
+        choices by finish reason, requests running and waiting, time to first token and request latency."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/version")
+    async def version() -> dict:
+        """The s1kit version, the served model, the engine and the thinking format."""
+        return {"version": __version__, "model": model_name, "engine": type(engine).__name__, "format": fmt.name,
+                "max_context": getattr(engine, "max_context", None), "default_thinking_budget": default_thinking_budget}
+
     @app.get("/v1/models")
     async def models() -> dict:
         """The one model this server serves."""
@@ -294,12 +358,13 @@ def create_app(engine: Engine, model_name: str = "smollm2-135m", api_key: str | 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Any:
-        """Chat completion; ``message.reasoning_content`` holds the thinking."""
+        """Chat completion; ``message.reasoning`` (and, the same, ``reasoning_content``) holds the thinking."""
         return await api.serve(body, http)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
-        """Text completion of a prompt sent as a user message; ``reasoning_content`` holds the thinking."""
+        """Text completion of a prompt sent as a user message; ``reasoning`` (and ``reasoning_content``) holds the
+        thinking."""
         return await api.serve(body, http)
 
     @app.post("/v1/requests/{request_id}/stop_thinking")

@@ -1,10 +1,15 @@
 """One worker thread owns the engine core and runs every HTTP request through it, with no batch windows.
 
-A submitted ``Job`` (one HTTP request: one engine request per prompt, ``n`` rows each) is added to the core at
-the worker's next turn, between two steps, and its rows start decoding beside whatever already runs; each row
-publishes its tokens as it goes, which the worker turns into text deltas for streaming, and a job is answered
-the moment its own rows end. A job whose client went away is aborted at the next turn (its rows free their
-places at once); ``stop_thinking`` closes a job's thinking at its next step, as a cap would.
+A submitted ``Job`` (one HTTP request: one engine request per prompt and sample, so that each choice is a row of its
+own) is added to the core at the worker's next turn, between two steps, and its rows start decoding beside whatever
+already runs; each row publishes its tokens as it goes, which the worker turns into text deltas for streaming, and a
+job is answered the moment its own rows end. A job whose client went away is aborted at the next turn (its rows free
+their places at once); ``stop_thinking`` closes a job's thinking at its next step, as a cap would.
+
+A job's ``Limits`` are the OpenAI bounds the engine's static budget cannot express: the completion-token limit
+(``max_tokens``: thinking and answer together) and the stop strings. The worker fits each request's thinking cap
+and answer budget into the limit and the context window before queueing it, and each row's ``ChoiceText`` cuts its
+output exactly; a row that reaches a stop string or the limit is aborted right after the step that showed it.
 
 The loop is supervised. A failure while preparing (rendering, encoding) or publishing one job ends that job alone:
 a 400 when the request cannot run (too long, a chat template that refuses its messages), else a 500. A failed
@@ -21,12 +26,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence, Union
 
+from ..budget import BudgetPolicy
 from ..engines.base import Completion, Engine, Request
+from ..engines.core import Prepared
 from ..errors import S1KitError
-from ..streaming import TextDeltas
+from .output import ChoiceText
 
 log = logging.getLogger("s1kit.serve")
 
@@ -50,19 +57,37 @@ class JobError(Exception):
 
 Event = Union[Delta, list, JobError]  # deltas, then the completions (a list) or the error
 
+DEFAULT_ANSWER_TOKENS = BudgetPolicy().max_answer_tokens  # the answer budget when no max_tokens is given
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an HTTP request bounds besides its budget policy: ``max_tokens`` (completion tokens: thinking, answer
+    opener, answer and end of turn, as OpenAI counts them; exact), the answer's ``stop`` strings (and whether the
+    answer keeps the one it ends at), and the answer budget it asked for (``max_answer_tokens``, s1kit's own). With
+    Limits the worker also fits the thinking cap and the answer budget into the context window (see
+    ``EngineWorker._prepare``); without, a job's requests run as they are."""
+
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    max_answer_tokens: int | None = None
+
 
 class Job:
     """One HTTP request's work: its engine requests, the events its handler awaits, and what it asked for."""
 
-    def __init__(self, requests: Sequence[Request], stream: bool = False) -> None:
+    def __init__(self, requests: Sequence[Request], stream: bool = False, limits: Limits | None = None) -> None:
         self.requests = list(requests)
         self.stream = stream
+        self.limits = limits
         self.cancelled = False
         self.finished = False  # the handler has the final event
         self.answered = False  # the worker has queued the final event
-        self.handles: list[Any] = []  # engine handles, one per request (worker thread only)
-        self._first: list[int] = []  # choice index of each request's first sample
-        self._deltas: dict[tuple[int, int], tuple[TextDeltas, TextDeltas]] = {}
+        self.handles: list[Any] = []  # engine handles, one per choice (worker thread only)
+        self.choices: list[ChoiceText] = []  # what each choice shows, in choice order (worker thread only)
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None  # when the first of its rows published a token
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -118,6 +143,7 @@ class EngineWorker:
         self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._running: set[Job] = set()
         self._doomed: list[Job] = []  # jobs answered with an error inside a step, to abort after it
+        self._ending: list[Any] = []  # handles of rows cut inside a step (a stop string, max_tokens), to abort after it
         self._closed = False
         self._template_error = _template_error()
         self._thread = threading.Thread(target=self._run, name="s1kit-engine", daemon=True)
@@ -148,6 +174,12 @@ class EngineWorker:
     def queued(self) -> int:
         """Jobs submitted but not yet added to the engine core."""
         return self._inbox.qsize()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs that have not produced a token yet: submitted, or in the engine but waiting for a place (or in
+        their prefill)."""
+        return self.queued + sum(1 for j in list(self._running) if j.first_token_at is None)
 
     def submit(self, job: Job) -> Job:
         """Hand a job to the engine core (at the worker's next turn); ``JobError`` (503) when none is taken now."""
@@ -266,6 +298,9 @@ class EngineWorker:
         for job in doomed:  # answered with an error during the step: free their rows now
             for h in job.handles:
                 self.engine.abort(h)
+        ending, self._ending = self._ending, []
+        for h in ending:  # rows at a stop string or max_tokens: end them (their listener cuts the output)
+            self.engine.abort(h)
 
     def _add(self, job: Job) -> None:
         if job.cancelled:
@@ -279,7 +314,7 @@ class EngineWorker:
         try:
             # Every request of the job is prepared before any is queued: one that cannot run fails the job alone,
             # before the others decode.
-            prepared = [self.engine.prepare(r) for r in job.requests]
+            prepared = [self._prepare(r, job.limits) for r in job.requests]
         except (S1KitError, ValueError, self._template_error) as e:  # too long, a template refusing the messages
             self._answer(job, JobError(400, self._cannot_run(e)), "failed")
             return
@@ -289,12 +324,22 @@ class EngineWorker:
             self._answer(job, JobError(500, f"internal error while preparing the request: {type(e).__name__}: {e}",
                                        "server_error"), "failed")
             return
-        first = 0
+        limits = job.limits or Limits()
+        tokenizer = self.engine.tokenizer
         try:
-            for k, (request, ready) in enumerate(zip(job.requests, prepared)):
-                job._first.append(first)
-                first += request.sampling.n
-                job.handles.append(self.engine.add(request, lambda row, job=job: self._on_row(job, row), k, ready))
+            for k, (request, ready) in enumerate(prepared):
+                seed = request.sampling.seed
+                for si in range(request.sampling.n):
+                    # One engine request per sample: each choice is a handle of its own, which a stop string or
+                    # max_tokens can end alone. Seeds as the core gives a request's samples (seed + sample index).
+                    sampling = replace(request.sampling, n=1, seed=None if seed is None else seed + si)
+                    choice = ChoiceText(tokenizer, len(job.choices), k, si, limits.max_tokens, limits.stop,
+                                        limits.include_stop, job.stream)
+                    job.choices.append(choice)
+                    choice.handle = self.engine.add(replace(request, sampling=sampling),
+                                                    lambda row, job=job, choice=choice: self._on_row(job, choice, row),
+                                                    k, ready)
+                    job.handles.append(choice.handle)
         except Exception as e:  # noqa: BLE001 - this request alone
             log.error("queueing a request failed", exc_info=e)
             self._answer(job, self._job_error(e), "failed")
@@ -305,47 +350,69 @@ class EngineWorker:
         self.stats["running"] = len(self._running)
         self.stats["max_running"] = max(self.stats["max_running"], sum(j.size for j in self._running))
 
+    def _prepare(self, request: Request, limits: Limits | None) -> tuple[Request, Prepared]:
+        """The request as it will run and its prepared form. With ``limits``, its thinking cap and answer budget are
+        fitted to ``max_tokens`` and the context window. The answer budget is ``max_answer_tokens``, else
+        ``max_tokens``, else 512. Thinking may take all of ``max_tokens`` (the answer then gets nothing, as with
+        OpenAI's and vLLM's reasoning models), but never the context's last ``max_answer_tokens`` tokens (without it,
+        ``min(max_tokens, 512)``), which stay for the answer; without ``max_tokens`` thinking has the rest of the
+        context."""
+        if limits is None:
+            return request, self.engine.prepare(request)
+        policy, n, asked = request.policy, limits.max_tokens, limits.max_answer_tokens
+        # Rendered, encoded and checked with the smallest answer budget; the budgets are set below.
+        ids, tokens, cap = self.engine.prepare(replace(request, policy=replace(policy, max_answer_tokens=1)))
+        context = self.engine.max_context
+        if context is not None and n is not None and len(ids) + n > context:
+            raise S1KitError(f"prompt of {len(ids)} tokens plus max_tokens={n} does not fit the model's context of "
+                             f"{context} tokens")
+        want = min([x for x in (n, asked) if x is not None], default=DEFAULT_ANSWER_TOKENS)
+        caps = [c for c in (policy.max_thinking_tokens, n, cap) if c is not None]
+        answer = want
+        if context is not None:
+            # the room the engine's own check leaves for thinking, closing and answer (one token spare)
+            room = max(1, context - len(ids) - tokens.max_closing_len - policy.cap_grace - 1)
+            reserve = min(want, room) if asked is not None else min(want, DEFAULT_ANSWER_TOKENS, room)
+            caps.append(room - reserve)
+            answer = min(want, room - min(caps))
+        thinking = min(caps) if caps else None
+        return (replace(request, policy=replace(policy, max_answer_tokens=max(1, answer))),
+                Prepared(ids, tokens, thinking))
+
     def _cannot_run(self, e: BaseException) -> str:
         if isinstance(e, self._template_error) and not isinstance(e, (S1KitError, ValueError)):
             return f"the model's chat template refused the messages: {e}"
         return str(e)
 
-    def _on_row(self, job: Job, row: Any) -> None:
+    def _on_row(self, job: Job, choice: ChoiceText, row: Any) -> None:
         """A row of ``job`` published tokens or ended: stream its deltas; answer the job once all its rows ended.
-        Runs inside the engine's step: a failure here ends this job alone."""
+        Runs inside the engine's step (or an abort): a failure here ends this job alone."""
         if job.answered:
             return
         try:
-            self._publish(job, row)
+            self._publish(job, choice, row)
         except Exception as e:  # noqa: BLE001 - e.g. text that does not decode: this job alone, not the step
             log.error("publishing a row failed", exc_info=e)
             self.last_error = f"{type(e).__name__}: {e}"
             self._answer(job, JobError(500, f"internal error: {type(e).__name__}: {e}", "server_error"), "failed")
             self._doomed.append(job)
 
-    def _publish(self, job: Job, row: Any) -> None:
-        ri, si = row.handle.request_index, row.sample_index
-        if job.stream:
-            pair = job._deltas.get((ri, si))
-            if pair is None:
-                pair = job._deltas[ri, si] = (TextDeltas(self.engine.tokenizer, False),
-                                              TextDeltas(self.engine.tokenizer, True))
-            thinking, answer = pair
-            if row.done and row.completion is not None:
-                delta = Delta(job._first[ri] + si, thinking.finish(row.completion.thinking),
-                              answer.finish(row.completion.answer))
-            else:
-                delta = Delta(job._first[ri] + si, thinking.update(row.trace.thinking_ids),
-                              answer.update(row.trace.answer_ids))
-            if delta.reasoning or delta.content:
-                job._put(delta)
+    def _publish(self, job: Job, choice: ChoiceText, row: Any) -> None:
+        if job.first_token_at is None and row.trace.token_ids:
+            job.first_token_at = time.monotonic()
+        reasoning, content = choice.update(row)
+        if choice.ending:  # a stop string or max_tokens: this row ends after the step
+            choice.ending = False
+            self._ending.append(choice.handle)
+        if reasoning or content:
+            job._put(Delta(choice.index, reasoning, content))
         if not row.done or not all(h.done for h in job.handles):
             return
         error = next((h.error for h in job.handles if h.error is not None), None)
         if error is not None:
             self._answer(job, self._job_error(error), "failed")
             return
-        completions: list[Completion] = [c for h in job.handles for c in h.completions()]
+        completions: list[Completion] = [c.completion(h.rows[0]) for c, h in zip(job.choices, job.handles)]
         self.stats["thinking_tokens"] += sum(c.thinking_tokens for c in completions)
         self.stats["answer_tokens"] += sum(c.answer_tokens for c in completions)
         self._answer(job, completions, "cancelled" if job.cancelled else "completed")
