@@ -54,6 +54,29 @@ def test_thinking_budget_fields_and_the_default_cap(engine):
         create_app(engine, MODEL, default_thinking_budget=-1)
 
 
+def test_the_default_thinking_budget_flag_reaches_the_app(engine, monkeypatch):
+    """``s1kit serve --default-thinking-budget``: the command as a user runs it, with the session's engine and the
+    server's run loop left out (the app it would serve is kept)."""
+    import socket
+    from types import SimpleNamespace
+
+    import s1kit.serve.app as serve_app
+    from s1kit.cli.engine import EngineChoice
+    from test_cli import s1kit
+
+    served = []
+    monkeypatch.setattr(EngineChoice, "open", lambda self, **kw: engine)
+    monkeypatch.setattr(serve_app, "make_server", lambda app, *a, **kw: SimpleNamespace(run=lambda: served.append(app)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    r = s1kit("serve", "--default-thinking-budget", "300", "--port", port)
+    assert r.returncode == 0 and "default thinking cap 300" in r.stderr, r.stderr
+    assert TestClient(served[0]).get("/version").json()["default_thinking_budget"] == 300
+    bad = s1kit("serve", "--default-thinking-budget", "-1", "--port", port)
+    assert bad.returncode == 2 and "--default-thinking-budget must be >= 0" in bad.stderr
+
+
 def test_thinking_cap_and_answer_budget_fit_max_tokens_and_the_context(engine):
     worker = EngineWorker(engine)
     try:
