@@ -266,7 +266,8 @@ def test_stop_strings_cut_the_answer_not_the_thinking_and_end_the_row(engine, se
         # the row ended at the token that completed the stop string: counted, and nothing decoded after it
         assert engine.tokenizer.decode(row.trace.answer_ids).strip() == "Final Answer"
         assert kept == len(row.trace.token_ids) == answer_start + 2
-    with_stop = post(server, body(max_tokens=60, thinking_budget=budget, stop=" Answer", include_stop_str_in_output=True))
+    with_stop = post(server, body(max_tokens=60, thinking_budget=budget, stop=" Answer",
+                                  include_stop_str_in_output=True))
     assert with_stop.json()["choices"][0]["message"]["content"] == "Final Answer"
     # streamed: "Final" could be the start of "l Answer": its "l" is held back, then cut, never sent
     chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, temperature=0, max_tokens=60, stream=True,

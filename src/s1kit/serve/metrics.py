@@ -1,16 +1,15 @@
 """Prometheus metrics of the server (``GET /metrics``), one registry per app.
 
-| metric | type | what |
-|---|---|---|
-| ``s1kit_requests_total{endpoint, status}`` | counter | HTTP requests to ``/v1/chat/completions`` (``chat``) and ``/v1/completions`` (``completions``) by status code |
-| ``s1kit_prompt_tokens_total`` | counter | prompt tokens of the requests answered (a prompt counts once, not per ``n``) |
-| ``s1kit_completion_tokens_total`` | counter | completion tokens (thinking, answer opener, answer, end of turn) |
-| ``s1kit_thinking_tokens_total`` | counter | thinking tokens (``reasoning_tokens``) |
-| ``s1kit_finished_choices_total{finish_reason}`` | counter | choices answered, by ``stop`` / ``length`` |
-| ``s1kit_requests_running`` | gauge | requests producing tokens |
-| ``s1kit_requests_waiting`` | gauge | requests with no token yet: queued for a place in the batch (or in their prefill) |
-| ``s1kit_time_to_first_token_seconds`` | histogram | from the request's arrival to its first token (thinking counts) |
-| ``s1kit_request_latency_seconds`` | histogram | from arrival to the last token, for requests answered |
+- ``s1kit_requests_total{endpoint, status}`` (counter): responses of ``/v1/chat/completions`` (``chat``) and
+  ``/v1/completions`` (``completions``) by HTTP status
+- ``s1kit_prompt_tokens_total``, ``s1kit_completion_tokens_total``, ``s1kit_thinking_tokens_total`` (counters): tokens
+  of the requests answered (a prompt counts once, not per ``n``; completion tokens are thinking, answer opener, answer
+  and end of turn)
+- ``s1kit_finished_choices_total{finish_reason}`` (counter): choices answered, by ``stop`` / ``length``
+- ``s1kit_requests_running``, ``s1kit_requests_waiting`` (gauges): requests producing tokens, and those with no token
+  yet (queued for a place in the batch, or in their prefill)
+- ``s1kit_time_to_first_token_seconds``, ``s1kit_request_latency_seconds`` (histograms): from a request's arrival to
+  its first token (thinking counts) and to its last
 """
 
 from __future__ import annotations

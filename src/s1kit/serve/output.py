@@ -111,7 +111,8 @@ class ChoiceText:
 
     def __init__(self, tokenizer: Any, index: int, request_index: int, sample_index: int, limit: int | None = None,
                  stops: Sequence[str] = (), include_stop: bool = False, stream: bool = False) -> None:
-        self.tokenizer, self.index, self.request_index, self.sample_index = tokenizer, index, request_index, sample_index
+        self.tokenizer, self.index = tokenizer, index
+        self.request_index, self.sample_index = request_index, sample_index
         self.limit, self.stops, self.stream = limit, tuple(stops), stream
         self.answer = AnswerText(tokenizer, stops, include_stop)
         self.thinking = TextDeltas(tokenizer, False)

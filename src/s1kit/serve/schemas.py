@@ -254,7 +254,8 @@ class _GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "_GenerationRequest":
-        given = [k for k in ("thinking_budget", "thinking_token_budget", "reasoning_effort") if getattr(self, k) is not None]
+        given = [k for k in ("thinking_budget", "thinking_token_budget", "reasoning_effort")
+                 if getattr(self, k) is not None]
         if len(given) > 1:
             raise FieldError(given[1], f"give either thinking_budget or reasoning_effort or thinking_token_budget (one "
                                        f"thinking budget), not several: got {' and '.join(given)}")
@@ -267,12 +268,14 @@ class _GenerationRequest(BaseModel):
         budget = self.thinking_budget
         if (self.chat_template_kwargs or {}).get("enable_thinking") is False and budget is not None \
                 and (budget.min_tokens or budget.num_waits):
-            raise FieldError("chat_template_kwargs.enable_thinking", "chat_template_kwargs.enable_thinking is false (no "
-                             "thinking), but thinking_budget asks for min_tokens or num_waits")
+            raise FieldError("chat_template_kwargs.enable_thinking", "chat_template_kwargs.enable_thinking is false "
+                                                                     "(no thinking), but thinking_budget asks for "
+                                                                     "min_tokens or num_waits")
         limit = self.completion_limit
         if budget is not None and limit is not None and budget.min_tokens >= limit:
             name = "max_tokens" if self.max_tokens is not None else "max_completion_tokens"
-            raise FieldError("thinking_budget.min_tokens", f"thinking_budget.min_tokens ({budget.min_tokens}) leaves no room for an answer in "
+            raise FieldError("thinking_budget.min_tokens",
+                             f"thinking_budget.min_tokens ({budget.min_tokens}) leaves no room for an answer in "
                              f"{name} ({limit}), which bounds thinking and answer together (OpenAI's completion "
                              f"tokens): raise {name} above min_tokens")
         return self
