@@ -47,7 +47,7 @@ def body(args: argparse.Namespace, i: int, stream: bool) -> dict:
     if stream:
         b["stream_options"] = {"include_usage": True}
     if args.body == "s1kit":
-        b["max_tokens"] = args.answer
+        b["max_answer_tokens"] = args.answer  # max_tokens bounds thinking + answer, as OpenAI defines it
         b["thinking_budget"] = {"min_tokens": args.thinking, "max_tokens": args.thinking}
     else:
         b["max_tokens"] = args.thinking + args.answer

@@ -301,7 +301,7 @@ def test_s1kit_server_in_front_of_a_remote_engine(remote):
             assert thread.is_alive()
             time.sleep(0.05)
         body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "What is 17*23?"}],
-                "max_tokens": 6, "temperature": 0, "thinking_budget": {"min_tokens": 20, "max_tokens": 20}}
+                "max_answer_tokens": 6, "temperature": 0, "thinking_budget": {"min_tokens": 20, "max_tokens": 20}}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300).json()
         assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 20
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": True},
