@@ -269,7 +269,8 @@ def test_a_prompt_list_with_one_prompt_too_long_is_a_400_in_either_order(server,
 def test_sigterm_drains_in_flight_requests_then_ends_the_rest_with_proper_errors(engine, caplog):
     from s1kit.serve import create_app
 
-    srv, thread, url = serve_in_thread(create_app(engine, MODEL), drain_timeout=3)
+    # 8 s of drain: the short request (a few dozen steps) finishes inside it even on a loaded 2-core machine
+    srv, thread, url = serve_in_thread(create_app(engine, MODEL), drain_timeout=8)
     endless = {"min_tokens": 4000, "max_tokens": 4000}
     results = {}
 
@@ -297,7 +298,7 @@ def test_sigterm_drains_in_flight_requests_then_ends_the_rest_with_proper_errors
             c.join(60)
         thread.join(60)
     took = time.monotonic() - t0
-    assert not thread.is_alive() and 2.5 < took < 20, took
+    assert not thread.is_alive() and 7.5 < took < 40, took
     status, lines = results["short"]  # finished within the deadline: answered normally
     assert status == 200 and json.loads(lines[0])["choices"][0]["thinking"]["tokens"] == 4
     status, lines = results["plain"]
