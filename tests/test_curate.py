@@ -285,7 +285,7 @@ def test_model_stages_run_for_real_and_resume_from_the_workdir(engine, tmp_path)
     records = real_rows(GSM8K_TRAIN, 3) + [dict(real_rows(MATH_TRAIN, 1, 10)[0], thinking_trajectories=["Given trace."])]
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tiny = BudgetPolicy(max_thinking_tokens=8, min_thinking_tokens=8, max_answer_tokens=8)
+    tiny = BudgetPolicy(max_thinking_tokens=4, min_thinking_tokens=4, max_answer_tokens=4)
 
     def run(counter, out, selection="s1"):
         model = NamedEngine("smollm2-135m", counter, chunk=2)

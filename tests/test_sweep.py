@@ -52,7 +52,7 @@ def test_grid_refuses_a_minimum_above_every_cap_and_labels_a_cap_of_zero():
 
 def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engine, tmp_path):
     bench = load_benchmark("gsm8k", limit=3)
-    settings = build_grid(["budget", "rejection"], [8, 24], max_answer=8)
+    settings = build_grid(["budget", "rejection"], [4, 8], max_answer=4)
     out = tmp_path / "run"
     open_run(out, RunRecord.create("smollm2-135m", "gsm8k", bench.items, settings), bench.items)
     calls = []
@@ -93,7 +93,7 @@ def test_sweep_resumes_without_recomputing_and_rejection_respects_its_bound(engi
 def test_eval_cli_writes_report_and_reruns_compute_nothing(engine, tmp_path):
     out = tmp_path / "ev"
     args = ["eval", "--model", "smollm2-135m", "--benchmark", "gsm8k", "--limit", "4", "--max-thinking", "16,32",
-            "--max-answer", "32", "--out", str(out)]
+            "--max-answer", "12", "--out", str(out)]
     r = s1kit(*args)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -122,7 +122,7 @@ def test_killed_eval_resumes_to_the_same_summary(engine, tmp_path):
     data = tmp_path / "aime.jsonl"  # a local benchmark in the AIME schema
     rows = [{"id": i, "problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1), "solution": "..."} for i in range(6)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    args = ["eval", "--benchmark", str(data), "--max-thinking", "24,48", "--max-answer", "12", "--batch-size", "2"]
+    args = ["eval", "--benchmark", str(data), "--max-thinking", "8,16", "--max-answer", "6", "--batch-size", "2"]
     ref = s1kit(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"

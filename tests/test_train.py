@@ -268,7 +268,7 @@ def test_lora_saves_merged_weights(engine, rows, tmp_path):
 
     data = write_jsonl(tmp_path / "two.jsonl", rows[:2])
     summary = train("smollm2-135m", str(data), tmp_path / "lora",
-                    Recipe(lora=True, lora_rank=4, max_steps=2, batch_size=2, micro_batch_size=2, block_size=512,
+                    Recipe(lora=True, lora_rank=4, max_steps=2, batch_size=1, micro_batch_size=1, block_size=512,
                            gradient_checkpointing=False, learning_rate=1e-2))
     # step 1 runs at lr 0 (the first warm-up step), step 2 at the peak
     assert summary["steps"] == 2 and not (tmp_path / "lora" / "adapter_config.json").exists()
@@ -286,7 +286,7 @@ def test_divergence_stops_training_before_anything_is_saved(rows, tmp_path):
     data = write_jsonl(tmp_path / "two.jsonl", rows[:2])
     with pytest.raises(S1KitError, match=r"training diverged at step \d+ \((loss|grad_norm) (nan|inf)"):
         train("smollm2-135m", str(data), tmp_path / "out",
-              Recipe(max_steps=6, batch_size=2, micro_batch_size=2, block_size=512, gradient_checkpointing=False,
+              Recipe(max_steps=6, batch_size=1, micro_batch_size=1, block_size=512, gradient_checkpointing=False,
                      learning_rate=1e8))
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / SUMMARY_FILE).exists()
 
@@ -306,7 +306,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(rows, tmp_path):
             raise Cut
 
     data = str(write_jsonl(tmp_path / "eight.jsonl", rows[:8]))
-    recipe = Recipe(max_steps=4, batch_size=2, micro_batch_size=2, block_size=512, gradient_checkpointing=False,
+    recipe = Recipe(max_steps=4, batch_size=1, micro_batch_size=1, block_size=512, gradient_checkpointing=False,
                     learning_rate=1e-4, save_steps=2)
     full = train("smollm2-135m", data, tmp_path / "full", replace(recipe, save_steps=None))
     with pytest.raises(Cut):
