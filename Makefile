@@ -42,8 +42,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one torch thread); a file's tests stay on one
+# worker, so its module fixtures (servers, a training run) start once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 demo: $(DEMO_STAMP)
 	$(BIN)/s1kit eval --model qwen2.5-coder-0.5b --benchmark gsm8k --limit 48 \
