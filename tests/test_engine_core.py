@@ -128,7 +128,7 @@ def test_gpu_core_joins_aborts_and_stops_inside_cuda_graphs():
     queue = __import__("collections").deque(rows[:4])
     seen = {id(r): [] for r in rows + [stop]}
     for _ in range(3):  # four rows decode; two more and the stop-row join below
-        for r in dec.advance(queue):
+        for r in dec.step(queue):
             assert r.trace.token_ids[: len(seen[id(r)])] == seen[id(r)]
             seen[id(r)] = list(r.trace.token_ids)
     queue.extend(rows[4:] + [stop])
@@ -138,12 +138,11 @@ def test_gpu_core_joins_aborts_and_stops_inside_cuda_graphs():
     pending = set(rows[1:] + [stop])
     stopped_at = None
     while pending:
-        for r in dec.advance(queue):
+        for r in dec.step(queue):
             if r is stop and stopped_at is None and len(r.trace.thinking_ids) >= 40:
                 stopped_at = len(r.trace.thinking_ids)
                 dec.stop_thinking(r)
-            if r.trace.finish_reason is not None:
-                r.done, r.slot = True, None
+            if r.done:
                 pending.discard(r)
     assert all(len(r.trace.thinking_ids) == 150 and r.trace.hit_cap for r in rows[1:])
     assert stopped_at <= len(stop.trace.thinking_ids) <= stopped_at + 2 * dec.sync_every and stop.trace.hit_cap
@@ -168,3 +167,40 @@ def test_a_request_that_cannot_sample_fails_alone_and_generate_can_go_on_without
     out = core.generate(reqs, on_error=lambda i, e: failed.append((i, type(e).__name__)))
     assert failed == [(1, "RequestError")] and not core.has_work
     assert [c.token_ids for c in out] == [c.token_ids for c in core.generate(good)]
+
+
+def test_the_core_keeps_the_books_from_each_backends_step_outputs(core):
+    """Every decoder reports token columns with their kinds; only the core writes a row's trace (a plain ``Trace``,
+    never the backend's machine), and what it filed adds up: thinking, the opener, the forced prefix and answer,
+    the end token, a typed finish reason."""
+    from s1kit.budget import FinishReason, Kind, Trace
+
+    policy = BudgetPolicy(min_thinking_tokens=20, max_thinking_tokens=20, max_answer_tokens=8)
+    h = core.add(Request("What is 2+3?", policy))
+    seen = []
+    while core.has_work:
+        core.step()
+        t = h.rows[0].trace
+        assert type(t) is Trace and len(t.kinds) == len(t.token_ids)
+        assert t.token_ids[: len(seen)] == seen  # published tokens are never rewritten
+        seen = list(t.token_ids)
+    [c] = h.completions()
+    t = h.rows[0].trace
+    assert c.thinking_tokens == t.kinds.count(Kind.THINK) == len(t.thinking_ids) == 20 and c.hit_cap
+    assert t.kinds.index(Kind.OPENER) == 20 and Kind.PREFIX in t.kinds
+    assert c.answer_tokens == t.kinds.count(Kind.PREFIX) + t.kinds.count(Kind.ANSWER)
+    assert c.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and isinstance(c.finish_reason, FinishReason)
+    assert (t.kinds[-1] is Kind.END) == (c.finish_reason == "stop") and c.waits_exact
+
+
+def test_admission_takes_rows_in_order_and_a_row_that_does_not_fit_waits_without_blocking_later_ones():
+    """``admit_from``: the core's one admission rule for every backend."""
+    from collections import deque
+
+    from s1kit.engines.core import admit_from
+
+    queue = deque(range(6))
+    assert admit_from(queue, 3, lambda r: r % 2 == 1) == [1, 3, 5] and list(queue) == [0, 2, 4]
+    assert admit_from(queue, 1, lambda r: True) == [0] and list(queue) == [2, 4]
+    assert admit_from(queue, 0, lambda r: True) == [] and admit_from(queue, 5, lambda r: False) == []
+    assert list(queue) == [2, 4]

@@ -11,7 +11,7 @@ import copy
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -156,6 +156,29 @@ class Phase(str, Enum):
     DONE = "done"
 
 
+class FinishReason(str, Enum):
+    """How a sequence ended: an end token (or an answer cut at a stop string), a length limit (answer budget,
+    context), the caller ended it, or its request failed. Compares and serialises as its value."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    __str__ = str.__str__  # "stop", not "FinishReason.STOP", in text and f-strings
+    __format__ = str.__format__
+
+
+class Counts(NamedTuple):
+    """A sequence's counters besides its tokens, as a backend's budget machine knows them."""
+
+    waits_used: int = 0
+    hit_cap: bool = False
+    early_exit: bool = False
+    probe_tokens: int = 0
+    waits_exact: bool = True  # False: a Wait may have been written by the model itself (the tokens cannot tell)
+
+
 class Kind(IntEnum):
     """What an emitted token is, in every engine: thinking (sampled or a forced Wait), the opener (counted
     nowhere), the forced answer prefix, a sampled answer token, the end of the turn, or nothing (a row that
@@ -169,6 +192,9 @@ class Kind(IntEnum):
     NONE = 5
 
 
+_KINDS = tuple(Kind)  # code -> Kind (the codes are 0..5): cheaper than Kind(code) per token
+
+
 @dataclass(eq=False)
 class Trace:
     """What one sequence emitted so far, and how it ended: the one record every engine fills (``BudgetState`` is
@@ -177,12 +203,37 @@ class Trace:
     thinking_ids: list[int] = field(default_factory=list)
     answer_ids: list[int] = field(default_factory=list)  # after the opener: forced prefix + sampled, no end token
     token_ids: list[int] = field(default_factory=list)  # everything emitted, end token included
+    kinds: list[Kind] = field(default_factory=list)  # what each of token_ids is
     waits_used: int = 0
     hit_cap: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once ended
+    finish_reason: FinishReason | None = None  # set once ended
     early_exit: bool = False  # closed by the early-exit rule
     probe_answers: list[str] = field(default_factory=list)  # each probe's normalised answer, in order
     probe_tokens: int = 0  # tokens decoded by probes (compute, not part of the sequence)
+    waits_exact: bool = True  # False where waits_used had to be guessed (see ``Counts``)
+
+    def record(self, tokens: Sequence[int], kinds: Sequence[int]) -> None:
+        """Append emitted tokens by their kinds: thinking to ``thinking_ids``, the forced prefix and sampled answer
+        to ``answer_ids``, every token (the opener and the end token too) to ``token_ids``."""
+        for token, kind in zip(tokens, kinds):
+            self._record(token, _KINDS[kind])
+
+    def _record(self, token: int, kind: Kind) -> None:
+        self.token_ids.append(token)
+        self.kinds.append(kind)
+        if kind is Kind.THINK:
+            self.thinking_ids.append(token)
+        elif kind is Kind.PREFIX or kind is Kind.ANSWER:
+            self.answer_ids.append(token)
+
+    @property
+    def counts(self) -> Counts:
+        """The counters besides the tokens."""
+        return Counts(self.waits_used, self.hit_cap, self.early_exit, self.probe_tokens, self.waits_exact)
+
+    def set_counts(self, counts: Counts) -> None:
+        """Take a backend's counters."""
+        self.waits_used, self.hit_cap, self.early_exit, self.probe_tokens, self.waits_exact = counts
 
     def record_probe(self, rule: EarlyExit, answer: str, confidence: float, tokens: int) -> bool:
         """Add a probe (normalised answer, mean token probability, tokens it decoded); True (and ``early_exit``
@@ -283,8 +334,9 @@ class BudgetState(Trace):
         lengths = len(self.thinking_ids), len(self.answer_ids), len(self.token_ids)
         try:
             return self.step(proposed)
-        finally:  # step only appends to the three lists and mutates the queue; everything else is rebound
+        finally:  # step only appends to the four lists and mutates the queue; everything else is rebound
             del self.thinking_ids[lengths[0]:], self.answer_ids[lengths[1]:], self.token_ids[lengths[2]:]
+            del self.kinds[lengths[2]:]
             self.__dict__.update(saved)
             self._forced = forced
 
@@ -292,18 +344,18 @@ class BudgetState(Trace):
         """An independent copy of this state (policy and forcing tokens are shared: they are immutable)."""
         other = copy.copy(self)
         other.thinking_ids, other.answer_ids = list(self.thinking_ids), list(self.answer_ids)
-        other.token_ids, other._forced = list(self.token_ids), self._forced.copy()
+        other.token_ids, other.kinds, other._forced = list(self.token_ids), list(self.kinds), self._forced.copy()
         other.probe_answers = list(self.probe_answers)
         return other
 
     def cancel(self) -> None:
         """End the sequence now (the caller stopped wanting it); ``finish_reason`` becomes "cancelled"."""
-        self.end("cancelled")
+        self.end(FinishReason.CANCELLED)
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: FinishReason | str) -> None:
         """End the sequence now with ``reason`` (e.g. "length": the backend can decode no further)."""
         self._forced.clear()
-        self.phase, self.finish_reason = Phase.DONE, reason
+        self.phase, self.finish_reason = Phase.DONE, FinishReason(reason)
 
     def step(self, proposed: int) -> int:
         """Consume the model's proposal and return the token to emit."""
@@ -338,14 +390,14 @@ class BudgetState(Trace):
         return self._emit(proposed, Kind.THINK)
 
     def _answer(self, proposed: int) -> int:
-        self.token_ids.append(proposed)
         if proposed in self.tokens.end_ids:
-            self.phase, self.finish_reason = Phase.DONE, "stop"
+            self._record(proposed, Kind.END)
+            self.phase, self.finish_reason = Phase.DONE, FinishReason.STOP
             return proposed
-        self.answer_ids.append(proposed)
+        self._record(proposed, Kind.ANSWER)
         self._sampled_answer += 1
         if self._sampled_answer >= self.policy.max_answer_tokens:
-            self.phase, self.finish_reason = Phase.DONE, "length"
+            self.phase, self.finish_reason = Phase.DONE, FinishReason.LENGTH
         return proposed
 
     def _force(self, items: list[tuple[int, Kind]]) -> None:
@@ -354,12 +406,9 @@ class BudgetState(Trace):
             self.phase = Phase.ANSWER  # closing tokens are queued: thinking is over
 
     def _emit(self, token: int, kind: Kind) -> int:
-        self.token_ids.append(token)
+        self._record(token, kind)
         if kind is Kind.THINK:  # a thinking token, sampled or forced
-            self.thinking_ids.append(token)
             self._ends_nl = self.tokens.ends_with_newline(token)
             ends = self.tokens.ends_sentence
             self._at_boundary = self._ends_nl or (ends is not None and ends(token))
-        elif kind is Kind.PREFIX:
-            self.answer_ids.append(token)
         return token

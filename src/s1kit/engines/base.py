@@ -8,7 +8,7 @@ import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from ..budget import BudgetPolicy, Trace
+from ..budget import BudgetPolicy, FinishReason, Trace
 from ..errors import require_int
 from ..formats import S1, Messages, ThinkingFormat, get_format
 
@@ -67,13 +67,14 @@ class Completion:
     answer_tokens: int
     waits_used: int
     hit_cap: bool
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: FinishReason  # stop | length | cancelled (compares equal to those strings)
     token_ids: list[int]
     prompt_tokens: int = 0
     request_index: int = 0
     sample_index: int = 0
     probe_tokens: int = 0  # tokens early-exit probes decoded for this sequence (compute beside it)
     early_exit: bool = False  # thinking was closed by the early-exit rule
+    waits_exact: bool = True  # False: a sampled sequence's waits_used counts a wait string the model may have written
 
     def to_dict(self, token_ids: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (token ids only when asked)."""
@@ -93,13 +94,14 @@ def make_completion(trace: Trace, tokenizer: Any, request: Request, prompt_token
         answer_tokens=len(trace.answer_ids),
         waits_used=trace.waits_used,
         hit_cap=trace.hit_cap,
-        finish_reason=trace.finish_reason or "length",
+        finish_reason=trace.finish_reason or FinishReason.LENGTH,
         token_ids=list(trace.token_ids),
         prompt_tokens=prompt_tokens,
         request_index=ri,
         sample_index=si,
         probe_tokens=trace.probe_tokens,
         early_exit=trace.early_exit,
+        waits_exact=trace.waits_exact,
     )
 
 

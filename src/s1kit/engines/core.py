@@ -7,17 +7,26 @@ aborted row frees its place at once and a queued row takes it (continuous admiss
 CLI, the Python API, sweeps and curation — is a thin loop over these; the server calls them directly from
 one worker thread. Every callback runs on the thread that calls ``step``.
 
-Backends (the hf plain loop, the hf fast path, the remote engine) implement three hooks: ``_advance``
-(admit queued rows, decode, publish), ``_cancel`` and ``_stop_thinking``.
+The core keeps the books, in the shape of vLLM's schedule -> execute -> update: ``step`` admits queued rows
+where the backend has room (``admit_from``: in order, a row that does not fit yet waits and later ones may pass
+it), the backend decodes (``_decode``) and returns a ``StepOutput`` per row it advanced (the tokens it emitted
+with their kinds, its budget machine's counters, how the row ended), and the core applies them to each row's
+``Trace`` (``apply``) and publishes. Each backend keeps its own budget machine (a ``BudgetState`` per row on the
+host, or ``TensorBudget`` on the device); only the core writes ``row.trace``, on the stepping thread.
+
+Backends (the hf plain loop, the hf fast path, the remote engine) implement ``_room``, ``_fits``, ``_admit``,
+``_decode``, ``_cancel``, ``_stop_thinking`` and ``_seed``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
-from ..budget import ForcingTokens, Trace
+from ..budget import Counts, FinishReason, ForcingTokens, Trace
 from ..errors import RequestError
 from ..formats import render_prompt
 from ..forcing import context_cap
@@ -35,9 +44,8 @@ class Prepared(NamedTuple):
 class Row:
     """One sequence, one sample of a request: the row type every backend decodes.
 
-    ``trace`` is the row's ``Trace`` (what it emitted so far and how it ended): its ``BudgetState`` where the host
-    steps the machine (the plain loop, the remote engine), a plain ``Trace`` filled from the device's records on
-    the fast path.
+    ``trace`` is the row's ``Trace`` (what it emitted so far and how it ended), written only by the engine core
+    from the backend's ``StepOutput``s; ``slot`` is the backend's place for the row while it decodes.
     """
 
     __slots__ = ("handle", "sample_index", "seed", "trace", "done", "completion", "slot")
@@ -49,7 +57,7 @@ class Row:
         self.trace: Trace = Trace()
         self.done = False
         self.completion: Completion | None = None
-        self.slot: Any = None  # the backend's place for the row while it decodes
+        self.slot: Any = None  # the backend's place for the row while it decodes (a slot index, a run)
 
     @property
     def request(self) -> Request:
@@ -67,6 +75,68 @@ def token_rows(prompts: Sequence[Sequence[int]], policy: Any, tokens: ForcingTok
     """Rows straight from token ids, for a decoder driven without a core (benchmarks, tests: no tokenizer)."""
     request = Request("", policy, sampling=sampling or SamplingParams())
     return [Handle(request, Prepared(list(p), tokens, None), 0, None, 0).rows[0] for p in prompts]
+
+
+@dataclass(eq=False)
+class StepOutput:
+    """What a backend's decoding did to one row since it last reported: the tokens it emitted and their kinds
+    (``budget.Kind`` codes), its machine's counters, and how the row ended (``finish``; with ``error``, the
+    failure that ended its request)."""
+
+    row: Row
+    tokens: Sequence[int] = ()
+    kinds: Sequence[int] = ()
+    counts: Counts = field(default_factory=Counts)
+    finish: FinishReason | None = None
+    error: BaseException | None = None
+
+    @classmethod
+    def since(cls, row: Row, machine: Trace, start: int) -> "StepOutput":
+        """A host machine's (``BudgetState``'s) tokens from ``start`` on, its counters and its end."""
+        return cls(row, machine.token_ids[start:], machine.kinds[start:], machine.counts, machine.finish_reason)
+
+
+class HostPlace:
+    """A row's place in a backend that steps its budget machine on the host (the plain loop, the remote engine):
+    the machine (a ``BudgetState``, set when the row starts), how much of it was reported, and the failure that
+    ended the row, if one did."""
+
+    def __init__(self, state: Any = None) -> None:
+        self.state, self.reported = state, 0
+        self.error: BaseException | None = None
+
+    def output(self, row: Row) -> StepOutput:
+        """What the machine emitted since the last report, its counters and its end."""
+        out = StepOutput.since(row, self.state, self.reported)
+        self.reported = len(self.state.token_ids)
+        out.error = self.error
+        return out
+
+
+def apply(out: StepOutput) -> None:
+    """Write a backend's output into its row's trace (and its request's error): the one place traces grow."""
+    row = out.row
+    t = row.trace
+    t.record(out.tokens, out.kinds)
+    t.set_counts(out.counts)
+    if out.error is not None:
+        row.handle.error = row.handle.error or out.error
+        t.finish_reason = FinishReason.ERROR
+    elif out.finish is not None:
+        t.finish_reason = FinishReason(out.finish)
+
+
+def admit_from(queue: deque[Row], room: int, fits: Callable[[Row], bool]) -> list[Row]:
+    """Take up to ``room`` rows that ``fits`` from ``queue``, in order (a row that does not fit stays queued)."""
+    if room <= 0 or not queue:
+        return []
+    take: list[Row] = []
+    kept: list[Row] = []
+    while queue and len(take) < room:
+        row = queue.popleft()
+        (take if fits(row) else kept).append(row)
+    queue.extendleft(reversed(kept))
+    return take
 
 
 # on_update(row): the row published tokens, or finished (then ``row.done`` and ``row.completion`` are set)
@@ -115,9 +185,21 @@ class EngineCore:
     def compile(self, fmt: Any, policy: Any) -> ForcingTokens:  # replaced by a ForcingCompiler in __init__
         raise NotImplementedError
 
-    def _advance(self, queue: deque[Row]) -> list[Row]:
-        """Admit rows from ``queue`` where there is room, decode, and return the rows that published tokens or
-        ended (a row that ended has its ``trace.finish_reason`` set)."""
+    def _room(self, waiting: Sequence[Row]) -> int:
+        """How many queued rows can start now (``waiting``: the queue, in order, for a backend that sizes its
+        memory to it)."""
+        raise NotImplementedError
+
+    def _fits(self, row: Row) -> bool:
+        """Whether ``row`` can start in the room there is now (else it waits, and later rows may pass it)."""
+        return True
+
+    def _admit(self, rows: list[Row]) -> None:
+        """Start decoding ``rows`` (each takes a place: ``row.slot``)."""
+        raise NotImplementedError
+
+    def _decode(self) -> list[StepOutput]:
+        """Advance the decoding rows; what each emitted or how it ended since it last reported."""
         raise NotImplementedError
 
     def _cancel(self, row: Row) -> None:
@@ -161,11 +243,22 @@ class EngineCore:
         """True while any row is queued or decoding."""
         return bool(self._live)
 
+    @property
+    def waiting(self) -> int:
+        """Rows queued for a place."""
+        return len(self._queue)
+
     def step(self) -> None:
-        """Advance every active row (admitting queued ones first) and publish what each emitted."""
-        for row in self._advance(self._queue):
-            if row.done:
+        """Admit queued rows where there is room, advance every active row, and apply and publish its output."""
+        if self._queue:
+            take = admit_from(self._queue, self._room(self._queue), self._fits)
+            if take:
+                self._admit(take)
+        for out in self._decode():
+            row = out.row
+            if row.done:  # aborted since the backend decoded it
                 continue
+            apply(out)
             if row.trace.finish_reason is not None:
                 self._finish(row)
             elif row.handle.on_update is not None:
@@ -183,7 +276,7 @@ class EngineCore:
                     self._queue.remove(row)
                 except ValueError:
                     pass
-            row.trace.finish_reason = "cancelled"
+            row.trace.finish_reason = FinishReason.CANCELLED
             self._finish(row)
 
     def stop_thinking(self, handle: Handle) -> None:
@@ -205,7 +298,7 @@ class EngineCore:
                 except Exception:  # noqa: BLE001 - the backend is already failing; free what can be freed
                     pass
             row.handle.error = row.handle.error or error
-            row.trace.finish_reason = row.trace.finish_reason or "error"
+            row.trace.finish_reason = row.trace.finish_reason or FinishReason.ERROR
             self._finish(row)
 
     def _finish(self, row: Row) -> None:
@@ -235,6 +328,7 @@ class EngineCore:
 
         failed: list[BaseException] = []
         alone: set[int] = set()  # requests that failed alone, reported to on_error
+        guessed: list[Row] = []  # completions whose waits_used could only be guessed
 
         def listener(row: Row) -> None:
             if not row.done:
@@ -249,6 +343,8 @@ class EngineCore:
                     return
                 failed.append(h.error)
                 return
+            if not row.completion.waits_exact:
+                guessed.append(row)
             if on_progress is not None:
                 on_progress(1)
             if on_complete is not None:
@@ -269,4 +365,8 @@ class EngineCore:
                 if h is not None:
                     self.abort(h)
             raise
+        if guessed:
+            warnings.warn(f"{len(guessed)} sampled sequence(s) hold a wait string the model may have written itself "
+                          "where a Wait was due: their waits_used counts it as forced (the tokens cannot tell; "
+                          "waits_exact is false in each)", RuntimeWarning, stacklevel=2)
         return [c for i, h in enumerate(handles) if i not in alone for c in h.completions()]

@@ -34,10 +34,11 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..budget import Counts, FinishReason, Trace
 from ..errors import S1KitError
 from . import decode_attention
 from .base import cache_kwargs
-from .core import Row
+from .core import Row, StepOutput, admit_from, apply
 from .fused import FusedProjections
 from .tensor_budget import (ANSWER, F_LENGTH, F_STOP, NONE, P_DONE, P_PAUSE, PREFIX, THINK, TensorBudget,
                            boundary_tables)
@@ -284,9 +285,10 @@ class _Chunk:
 class FastDecoder:
     """Decodes ``Row``s with budget forcing through static slots (see the module docstring).
 
-    The engine core calls ``advance(queue)``: controls (aborts, stop-thinking) and admissions are written between
-    chunks of ``sync_every`` steps, and each chunk's snapshot is published while the next chunk runs (on CUDA,
-    ``pipeline``): the host never waits for the GPU except to read a snapshot that is one chunk old.
+    The engine core calls ``room`` / ``fits`` / ``admit`` and then ``decode``: controls (aborts, stop-thinking) and
+    admissions are written between chunks of ``sync_every`` steps, and each chunk's snapshot is published while the
+    next chunk runs (on CUDA, ``pipeline``): the host never waits for the GPU except to read a snapshot that is one
+    chunk old.
     ``length`` fixes the cache length (a server, where every request must fit); otherwise each idle period picks
     one that fits what is queued.
     """
@@ -330,6 +332,8 @@ class FastDecoder:
         self._ws: dict[tuple[int, int, bool], _Workspace] = {}
         self.ws: _Workspace | None = None
         self.owner: dict[int, Row] = {}  # slot -> the row decoding there
+        # slot -> the host's record of what the slot emitted (the probes' context) and its probes (the rule's inputs)
+        self.host: dict[int, Trace] = {}
         self._pending: _Chunk | None = None
         self._pinned: list[torch.Tensor] = []
         self._flip = 0
@@ -354,16 +358,39 @@ class FastDecoder:
 
     # -- the engine core's hooks -----------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def advance(self, queue: deque[Row]) -> list[Row]:
-        """Admit queued rows into free slots, run one chunk, publish the previous one (see the class)."""
+    def room(self, waiting: Sequence[Row]) -> int:
+        """Free slots; when idle, first a workspace that fits every waiting row."""
         if self.idle:
-            if not queue:
-                return []
-            self._choose_workspace(queue)
+            if not waiting:
+                return 0
+            self._choose_workspace(waiting)
+        return self.ws.slots - len(self.owner)
+
+    def fits(self, row: Row) -> bool:
+        """Whether ``row`` fits the workspace (its length, and a captured step for its sampling); a row that does
+        not waits until the decoder is idle and picks a bigger one."""
+        sample = row.request.sampling.temperature > 0
+        return self._need(row) <= self.ws.length and (not self.use_graphs or sample in self.ws.graphs)
+
+    @torch.inference_mode()
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill ``rows`` into free slots (``room`` and ``fits`` said they fit)."""
+        ws = self.ws
+        slots = [s for s in range(ws.slots) if s not in self.owner][: len(rows)]
+        with self._attention(), self._timed("prefill_s"):
+            self._prefill(ws, slots, rows, max(len(r.prepared.prompt_ids) for r in rows))
+        for s, r in zip(slots, rows):
+            r.slot = s
+            self.owner[s] = r
+            self.host[s] = Trace()
+
+    @torch.inference_mode()
+    def decode(self) -> list[StepOutput]:
+        """Run one chunk, publish the previous one (see the class)."""
+        if self.idle:
+            return []
         ws = self.ws
         with self._attention():
-            self._admit(ws, queue)
             chunk = None
             if self.owner:
                 sample = any(r.request.sampling.temperature > 0 for r in self.owner.values())
@@ -380,6 +407,7 @@ class FastDecoder:
     def reset(self) -> None:
         """Forget every row (after a failure); the next admission starts from an idle workspace."""
         self.owner.clear()
+        self.host.clear()
         self._pending = None
 
     @torch.inference_mode()
@@ -387,20 +415,32 @@ class FastDecoder:
         """Free ``row``'s slot now; it emits nothing from the next chunk on."""
         self.ws.tb.free(row.slot)
         self.owner.pop(row.slot, None)
+        self.host.pop(row.slot, None)
 
     @torch.inference_mode()
     def stop_thinking(self, row: Row) -> None:
         """Close ``row``'s thinking at its next step, as ``BudgetState.stop_thinking`` does."""
         self.ws.tb.stop_thinking(row.slot)
 
+    def step(self, queue: deque[Row]) -> list[Row]:
+        """One step without an engine core (benchmarks and tests): admit from ``queue``, decode, apply the outputs
+        to the rows' traces; the rows that published tokens or ended (those are marked done)."""
+        take = admit_from(queue, self.room(queue), self.fits) if queue else []
+        if take:
+            self.admit(take)
+        rows = []
+        for out in self.decode():
+            apply(out)
+            if out.row.trace.finish_reason is not None:
+                out.row.done, out.row.slot = True, None
+            rows.append(out.row)
+        return rows
+
     def run(self, rows: Sequence[Row]) -> None:
         """Decode token-id rows to the end without an engine core (benchmarks and tests): fills ``row.trace``."""
         queue, left = deque(rows), set(rows)
         while left:
-            for r in self.advance(queue):
-                if r.trace.finish_reason is not None:
-                    r.done, r.slot = True, None
-                    left.discard(r)
+            left.difference_update(r for r in self.step(queue) if r.done)
 
     # -- inside ------------------------------------------------------------------------------------------
 
@@ -489,29 +529,6 @@ class FastDecoder:
     def _need(self, row: Row) -> int:
         return len(row.prepared.prompt_ids) + max_new_tokens(row) + 2 * self.sync_every
 
-    def _fits(self, ws: _Workspace, row: Row) -> bool:
-        sample = row.request.sampling.temperature > 0
-        return self._need(row) <= ws.length and (not self.use_graphs or sample in ws.graphs)
-
-    def _admit(self, ws: _Workspace, queue: deque[Row]) -> None:
-        """Prefill queued rows that fit into free slots (rows that do not fit wait for an idle period)."""
-        free = [s for s in range(ws.slots) if s not in self.owner]
-        take: list[Row] = []
-        for row in list(queue):
-            if len(take) == len(free):
-                break
-            if self._fits(ws, row):
-                queue.remove(row)
-                take.append(row)
-        if not take:  # rows that do not fit wait until the decoder is idle and picks a bigger workspace
-            return
-        slots = free[: len(take)]
-        with self._timed("prefill_s"):
-            self._prefill(ws, slots, take, max(len(r.prepared.prompt_ids) for r in take))
-        for s, r in zip(slots, take):
-            r.slot = s
-            self.owner[s] = r
-
     def _prefill(self, ws: _Workspace, slots: list[int], rows: list[Row], width: int) -> None:
         """Run the prompts of ``rows`` (left-padded to ``width``) into columns [0, width) of ``slots``."""
         dev = self.device
@@ -549,47 +566,46 @@ class FastDecoder:
             ws.tb.load(s, r.request.policy, r.prepared.tokens, r.prepared.cap)
 
 
-    def _publish(self, ws: _Workspace, chunk: _Chunk) -> list[Row]:
-        """Append each slot's emitted tokens to its row's trace; end the rows that finished and free their slots."""
+    def _publish(self, ws: _Workspace, chunk: _Chunk) -> list[StepOutput]:
+        """Each slot's emitted tokens, kinds and counters as its row's output; end the rows that finished and free
+        their slots."""
         snap = chunk.wait()
         self._read_spans()
         k = ws.k
-        updated: list[Row] = []
+        outputs: list[StepOutput] = []
         paused: list[tuple[int, Row]] = []
         for s, row in chunk.owners.items():
             if row.done or row.slot != s:  # cancelled since the chunk was launched
                 continue
             vals = snap[s]
-            t = row.trace
-            before = len(t.token_ids)
-            for tok, kind in zip(vals[:k], vals[k : 2 * k]):
-                if kind == NONE:  # the slot was idle at that step (its row had ended)
-                    continue
-                t.token_ids.append(tok)
-                if kind == THINK:
-                    t.thinking_ids.append(tok)
-                elif kind in (PREFIX, ANSWER):
-                    t.answer_ids.append(tok)
-            phase, finish, t.waits_used, hit_cap = vals[2 * k :]
-            t.hit_cap = bool(hit_cap)
-            if phase == P_PAUSE and self._probed.get(s) != len(t.thinking_ids):
+            emitted = [(tok, kind) for tok, kind in zip(vals[:k], vals[k : 2 * k]) if kind != NONE]  # NONE: idle
+            tokens, kinds = [t for t, _ in emitted], [c for _, c in emitted]
+            phase, finish, waits_used, hit_cap = vals[2 * k :]
+            host = self.host[s]
+            if not self.forcing:  # plain decoding ends at the budget
+                tokens = tokens[: max(max_new_tokens(row) - len(host.token_ids), 0)]
+                kinds = kinds[: len(tokens)]
+                if len(host.token_ids) + len(tokens) >= max_new_tokens(row):
+                    phase, finish = P_DONE, F_LENGTH
+                    ws.tb.free(s)
+            host.record(tokens, kinds)
+            if phase == P_PAUSE and self._probed.get(s) != len(host.thinking_ids):
                 paused.append((s, row))  # at an early-exit probe point: probe, then release it
-            if not self.forcing and len(t.token_ids) >= max_new_tokens(row):  # plain decoding ends at the budget
-                del t.token_ids[max_new_tokens(row):]
-                del t.thinking_ids[max_new_tokens(row):]
-                phase, finish = P_DONE, F_LENGTH
-                ws.tb.free(s)
+            end = None
             if phase == P_DONE:
-                t.finish_reason = "stop" if finish == F_STOP else "length"
+                end = FinishReason.STOP if finish == F_STOP else FinishReason.LENGTH
                 self.owner.pop(s, None)
                 self._probed.pop(s, None)
                 self.stats["rows"] += 1
-                self.stats["tokens"] += len(t.token_ids)
-            if len(t.token_ids) > before or t.finish_reason is not None:
-                updated.append(row)
+                self.stats["tokens"] += len(host.token_ids)
+            if tokens or end is not None:
+                counts = Counts(waits_used, bool(hit_cap), host.early_exit, host.probe_tokens)
+                outputs.append(StepOutput(row, tokens, kinds, counts, end))
+            if end is not None:
+                del self.host[s]
         if paused:
             self._probe(ws, paused)
-        return updated
+        return outputs
 
     def _probe(self, ws: _Workspace, paused: list[tuple[int, Row]]) -> None:
         """Probe rows paused at an early-exit point (one batch, from copies of their slots' K/V), apply the rule,
@@ -598,7 +614,7 @@ class FastDecoder:
 
         probes = []
         for s, row in paused:
-            t, tokens = row.trace, row.prepared.tokens
+            t, tokens = self.host[s], row.prepared.tokens
             ends_nl = tokens.ends_with_newline(t.thinking_ids[-1]) if t.thinking_ids else tokens.prompt_ends_with_newline
             opener, prefix = tokens.cap_close_ids(ends_nl)
             cols = (ws.mask[s, 0, 0] == 0).nonzero().squeeze(1)  # the columns the row attends to
@@ -607,6 +623,6 @@ class FastDecoder:
             probes.append(Probe(past, position, opener + prefix, len(opener),
                                 row.request.policy.early_exit.probe_tokens, tokens.end_ids))
         for (s, row), res in zip(paused, run_probes(self.model, self.tokenizer, probes, self.pad_id)):
-            self._probed[s] = len(row.trace.thinking_ids)
-            ws.tb.release(s, row.trace.record_probe(row.request.policy.early_exit, res.answer, res.confidence,
-                                                    res.tokens))
+            t = self.host[s]
+            self._probed[s] = len(t.thinking_ids)
+            ws.tb.release(s, t.record_probe(row.request.policy.early_exit, res.answer, res.confidence, res.tokens))

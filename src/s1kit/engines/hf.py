@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +18,11 @@ from transformers import DynamicCache, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from ..budget import BudgetState
+from ..budget import BudgetState, FinishReason
 from ..errors import RequestError
 from ..forcing import ForcingCompiler
 from .base import SamplingParams, cache_kwargs
-from .core import EngineCore, Row
+from .core import EngineCore, HostPlace, Row, StepOutput
 
 
 def _generation_eos(model: Any) -> list[int]:
@@ -122,8 +121,17 @@ class HFEngine(EngineCore):
         if self._decoder is not None:
             self._decoder.reset()
 
-    def _advance(self, queue: deque[Row]) -> list[Row]:
-        return self.decoder.advance(queue)
+    def _room(self, waiting: Sequence[Row]) -> int:
+        return self.decoder.room(waiting)
+
+    def _fits(self, row: Row) -> bool:
+        return self.decoder.fits(row)
+
+    def _admit(self, rows: list[Row]) -> None:
+        self.decoder.admit(rows)
+
+    def _decode(self) -> list[StepOutput]:
+        return self.decoder.decode()
 
     def _cancel(self, row: Row) -> None:
         self.decoder.cancel(row)
@@ -136,19 +144,18 @@ class HFEngine(EngineCore):
             self.decoder.generator.manual_seed(seed)
 
 
-class _Place:
-    """A row's place in the loop's batch: its sampling generator (None for greedy)."""
+class _Place(HostPlace):
+    """A row's place in the loop's batch: its budget machine and its sampling generator (None for greedy)."""
 
-    __slots__ = ("generator",)
-
-    def __init__(self, generator: torch.Generator | None) -> None:
+    def __init__(self, state: BudgetState, generator: torch.Generator | None) -> None:
+        super().__init__(state)
         self.generator = generator
 
 
 def _fail_row(row: Row, problem: str) -> None:
     """End one row with an error of its request's own (the engine core reports it for that request alone)."""
-    row.handle.error = row.handle.error or RequestError(problem)
-    row.trace.end("error")
+    row.slot.error = RequestError(problem)
+    row.slot.state.end(FinishReason.ERROR)
 
 
 class LoopDecoder:
@@ -161,21 +168,33 @@ class LoopDecoder:
         self.attn = self.next_pos = self.logits = None
         self._warpers: dict[SamplingParams, LogitsProcessorList] = {}
 
+    def room(self, waiting: Sequence[Row]) -> int:
+        """Free places in the batch (none while a cache layer cannot take rows that join late)."""
+        return self.engine.batch_size - len(self.rows) if not self.rows or self._mergeable() else 0
+
+    def fits(self, row: Row) -> bool:
+        """Every row fits: the cache grows with the batch."""
+        return True
+
     @torch.inference_mode()
-    def advance(self, queue: deque[Row]) -> list[Row]:
-        """Admit queued rows while there is room, then one step for every row."""
-        room = self.engine.batch_size - len(self.rows)
-        if queue and room > 0 and (not self.rows or self._mergeable()):
-            self._join([queue.popleft() for _ in range(min(room, len(queue)))])
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill ``rows`` and merge them into the running batch."""
+        self._join(rows)
+
+    @torch.inference_mode()
+    def decode(self) -> list[StepOutput]:
+        """One step for every row: propose, probe where due, let each row's machine say what to emit."""
         if not self.rows:
             return []
         rows = list(self.rows)
+        states = [r.slot.state for r in rows]
         proposals = self._propose(self.logits, rows)
-        due = [i for i, (r, p) in enumerate(zip(rows, proposals)) if r.trace.probe_due(p)]
+        due = [i for i, (st, p) in enumerate(zip(states, proposals)) if st.probe_due(p)]
         if due:  # early exit: probe before emitting; a settled answer closes thinking at this very step
             self._probe(due)
-        emitted = [r.trace.step(p) if not r.trace.done else p for r, p in zip(rows, proposals)]
-        keep = [i for i, r in enumerate(rows) if not r.trace.done]
+        emitted = [st.step(p) if not st.done else p for st, p in zip(states, proposals)]
+        outputs = [r.slot.output(r) for r in rows]
+        keep = [i for i, st in enumerate(states) if not st.done]
         if len(keep) < len(rows):
             self._select(keep)
         if self.rows:
@@ -185,7 +204,7 @@ class LoopDecoder:
                              **cache_kwargs(self.model, self.cache), use_cache=True)
             self.logits = out.logits[:, -1, :].float()
             self.next_pos = self.next_pos + 1
-        return rows
+        return outputs
 
     def reset(self) -> None:
         """Forget every row (after a failure)."""
@@ -199,7 +218,7 @@ class LoopDecoder:
 
     def stop_thinking(self, row: Row) -> None:
         """Close ``row``'s thinking at its next step."""
-        row.trace.stop_thinking()
+        row.slot.state.stop_thinking()
 
     def _probe(self, idx: list[int]) -> None:
         """Run the early-exit probes of rows ``idx`` (one batch, from copies of their K/V) and report them."""
@@ -207,14 +226,14 @@ class LoopDecoder:
 
         probes = []
         for i in idx:
-            state = self.rows[i].trace
+            state = self.rows[i].slot.state
             start = int(self.attn[i].argmax())  # the row's first attended column: left padding before it
             past = [(layer.keys[i, :, start:], layer.values[i, :, start:]) for layer in self.cache.layers]
             opener, prefix = state.probe_suffix()
             probes.append(Probe(past, int(self.next_pos[i]), opener + prefix, len(opener),
                                 state.policy.early_exit.probe_tokens, state.tokens.end_ids))
         for i, res in zip(idx, run_probes(self.model, self.engine.tokenizer, probes, self.engine.pad_id)):
-            self.rows[i].trace.observe_probe(res.answer, res.confidence, res.tokens)
+            self.rows[i].slot.state.observe_probe(res.answer, res.confidence, res.tokens)
 
     def _mergeable(self) -> bool:
         """Whether queued rows can join a running batch: every cache layer is a plain growing K/V."""
@@ -225,9 +244,9 @@ class LoopDecoder:
         dev = self.engine.device
         for r in new:
             p = r.prepared
-            r.trace = BudgetState(r.request.policy, p.tokens, p.cap)
             greedy = r.request.sampling.greedy
-            r.slot = _Place(None if greedy else torch.Generator(device=dev).manual_seed(r.seed))
+            r.slot = _Place(BudgetState(r.request.policy, p.tokens, p.cap),
+                            None if greedy else torch.Generator(device=dev).manual_seed(r.seed))
         width = max(len(r.prepared.prompt_ids) for r in new)
         ids = torch.full((len(new), width), self.engine.pad_id, dtype=torch.long)
         attn = torch.zeros((len(new), width), dtype=torch.long)
@@ -275,7 +294,7 @@ class LoopDecoder:
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             gen = r.slot.generator
-            if gen is None or r.trace.next_is_forced:
+            if gen is None or r.slot.state.next_is_forced:
                 continue  # greedy, or the proposal would be thrown away
             warp = self._warpers.get(r.request.sampling)
             if warp is None:

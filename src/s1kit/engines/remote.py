@@ -25,17 +25,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import warnings
-from collections import deque
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from ..budget import BudgetState, Phase
+from ..budget import BudgetState, FinishReason, Phase
 from ..errors import S1KitError
 from ..forcing import ForcingCompiler, context_cap
-from .base import Completion, Request, SamplingParams
-from .core import EngineCore, Prepared, Row
+from .base import Request, SamplingParams
+from .core import EngineCore, HostPlace, Prepared, Row, StepOutput
 from .probe import normalized_answer
 from .remote_forced import PLUGIN, ForcedPath
 from .remote_http import Client
@@ -46,10 +44,11 @@ __all__ = ["PLUGIN", "RemoteEngine", "load_tokenizer"]
 UNBOUNDED = 1 << 30  # max_tokens of a thinking call without a cap (the server's context ends it)
 
 
-class _Run:
-    """A row's task on the event loop, and whether stop-thinking was asked of it."""
+class _Run(HostPlace):
+    """A row's task on the event loop: its budget machine, and whether stop-thinking was asked of it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.future: Future | None = None
         self.close_thinking = False
 
@@ -99,8 +98,7 @@ class RemoteEngine(EngineCore):
         super().__init__()
         self.concurrency = concurrency
         self._running: set[Row] = set()  # rows whose task runs on the event loop
-        self._events: SimpleQueue[tuple[Row, BaseException | None]] = SimpleQueue()
-        self.guessed_waits = 0  # sampled plugin sequences whose waits_used had to be guessed
+        self._events: SimpleQueue[StepOutput] = SimpleQueue()  # what the rows' tasks decoded, for the core
         try:
             served, listed_context, kind = discover(self.client, model, served_model)
             self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
@@ -151,10 +149,9 @@ class RemoteEngine(EngineCore):
 
     async def _loop_sequence(self, row: Row, run: _Run) -> None:
         """One sequence over plain server calls, its ``BudgetState`` stepped over each call's tokens (see the
-        module); nothing is ever guessed. The row's trace is the state: it grows after each call and the stepping
-        thread hears of it (streaming)."""
+        module); nothing is ever guessed. What each call added is reported to the stepping thread (streaming)."""
         job, policy = row.prepared, row.request.policy
-        state = row.trace = BudgetState(policy, job.tokens, job.cap)
+        state = run.state = BudgetState(policy, job.tokens, job.cap)
         every = policy.early_exit.every if policy.early_exit is not None else None
         calls = itertools.count(1)
         while True:
@@ -180,10 +177,10 @@ class RemoteEngine(EngineCore):
                     break  # the machine acted (or ended): the rest of the call's tokens are not the sequence's
             else:
                 if not out:  # the server can decode nothing more (its context is full)
-                    state.end("length")
+                    state.end(FinishReason.LENGTH)
                 elif len(out) < ask and out[-1] not in stop and state.phase is Phase.THINK:
                     state.stop_thinking()  # it stopped early without a stop token: close as at a cap
-            self._events.put((row, None))
+            self._events.put(run.output(row))
 
     async def _probe(self, row: Row, state: BudgetState) -> None:
         """An early-exit probe of ``state`` now: a greedy side request on the sequence's context, the answer opener
@@ -247,26 +244,18 @@ class RemoteEngine(EngineCore):
         """Whether a request runs as one request on the server's processor."""
         return bool(self.plugin) and ForcedPath.takes(request)
 
-    def generate(self, requests: Sequence[Request], on_progress: Callable[[int], None] | None = None,
-                 on_complete: Callable[[Completion], None] | None = None,
-                 on_error: Callable[[int, Exception], None] | None = None) -> list[Completion]:
-        """Completions for ``requests`` (see ``EngineCore.generate``); warns once if sampled sequences on the vLLM
-        processor hold a wait string the model may have written itself where a Wait was due."""
-        guessed = self.guessed_waits
-        out = super().generate(requests, on_progress, on_complete, on_error)
-        if self.guessed_waits > guessed:
-            warnings.warn(f"{self.guessed_waits - guessed} sampled sequence(s) hold a wait string the model may have "
-                          "written itself where a Wait was due: their waits_used counts it as forced (the tokens "
-                          "cannot tell)", RuntimeWarning, stacklevel=2)
-        return out
+    def _room(self, waiting: Sequence[Row]) -> int:
+        return self.concurrency - len(self._running)
 
-    def _advance(self, queue: deque[Row]) -> list[Row]:
-        """Start queued rows while fewer than ``concurrency`` run; take what the running ones reported."""
-        while queue and len(self._running) < self.concurrency:
-            row = queue.popleft()
+    def _admit(self, rows: list[Row]) -> None:
+        """Start each row's task on the event loop."""
+        for row in rows:
             row.slot = run = _Run()
             self._running.add(row)
             run.future = self.client.submit(self._sequence(row, run))
+
+    def _decode(self) -> list[StepOutput]:
+        """What the running rows' tasks reported since the last step."""
         if not self._running:
             return []
         try:  # a short wait, so that whoever steps (a server's worker) also gets to take new requests
@@ -278,17 +267,14 @@ class RemoteEngine(EngineCore):
                 events.append(self._events.get_nowait())
             except Empty:
                 break
-        updated = []
-        for row, error in events:
-            if row not in self._running:
-                continue  # aborted meanwhile
-            if error is not None:
-                row.handle.error = row.handle.error or error
-                row.trace.finish_reason = "error"
-            if row.trace.finish_reason is not None:
-                self._running.discard(row)
-            updated.append(row)
-        return updated
+        outputs = []
+        for out in events:
+            if out.row not in self._running:
+                continue  # aborted, or ended, meanwhile
+            if out.finish is not None or out.error is not None:
+                self._running.discard(out.row)
+            outputs.append(out)
+        return outputs
 
     def _cancel(self, row: Row) -> None:
         self._running.discard(row)
@@ -302,15 +288,13 @@ class RemoteEngine(EngineCore):
         """A row's task: its sequence, then the news that it ended (or failed) for the stepping thread."""
         try:
             if self._uses_plugin(row.request):
-                state, guessed = await self.forced.sequence(row)
-                row.trace = state
-                self.guessed_waits += guessed
+                run.state = await self.forced.sequence(row)
             else:
                 await self._loop_sequence(row, run)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - reported to the stepping thread, which fails the request
-            self._events.put((row, e))
+            self._events.put(StepOutput(row, error=e))
             return
-        self._events.put((row, None))
+        self._events.put(run.output(row))
 

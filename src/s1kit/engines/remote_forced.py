@@ -82,11 +82,11 @@ class ForcedPath:
             "vllm_xargs": to_xargs(policy, fmt),
         }
 
-    async def sequence(self, row: Row) -> tuple[BudgetState, bool]:
+    async def sequence(self, row: Row) -> BudgetState:
         """One request, then its tokens replayed through ``BudgetState`` (greedy ambiguities asked of the server).
 
-        Returns the finished state and whether a Wait had to be guessed (sampling: the tokens cannot tell). The
-        server decides the whole sequence: a stop-thinking request cannot reach it."""
+        Returns the finished state; its ``waits_exact`` is False where a Wait had to be guessed (sampling: the
+        tokens cannot tell). The server decides the whole sequence: a stop-thinking request cannot reach it."""
         req, job, server = row.request, row.prepared, self.server
         body = self.body(job.prompt_ids, req.policy, req.format, job.tokens, job.cap, req.sampling, row.seed)
         choice, _ = await server.client.complete(body)
@@ -113,7 +113,8 @@ class ForcedPath:
                              "tokens; is max_model_len smaller than it reports?")
         if len(done.trailing) > 1:
             raise S1KitError(f"the server went on {len(done.trailing)} tokens after the budget's end")
-        return state, bool(done.guessed)
+        state.waits_exact = not done.guessed
+        return state
 
     async def _greedy_is_stop(self, job: Prepared, output: list[int]) -> bool:
         """Whether the model's own greedy token after ``output`` is a stop (one unforced token, no xargs)."""

@@ -106,7 +106,7 @@ def _reasoning(text: str) -> dict:
 
 def _thinking_stats(c: Completion) -> dict:
     return {"tokens": c.thinking_tokens, "waits_used": c.waits_used, "hit_cap": c.hit_cap,
-            "early_exit": c.early_exit, "probe_tokens": c.probe_tokens}
+            "early_exit": c.early_exit, "probe_tokens": c.probe_tokens, "waits_exact": c.waits_exact}
 
 
 class _Api:
