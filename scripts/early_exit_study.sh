@@ -18,18 +18,23 @@
 # - Everything but the weights comes back as $OUT/ee.tgz (split in 15 MB parts if larger): the run directories
 #   (config.json, samples.jsonl with the generated text, summary.json, report.md, scaling.png), logs, timings.
 #
-# Steps (per benchmark B in math500, gsm8k500), most important first:
-#   main   caps 4096,2048,1024,512,256,128 + three early-exit rules (capped at 4096, the largest cap), batch 256
+# Steps (per benchmark B in math500, gsm8k500), most important first; each writes its own run directory B-STEP:
+#   main   (MAIN=1 only: the first run's step) caps 4096,2048,1024,512,256,128 + three early-exit rules (capped at
+#          4096, the largest cap), batch 256, into B/
+#   waits  cap $PEAK (512: where accuracy saturates on both benchmarks in the main sweep) with 0 / 1 / 2 / 4 Waits;
+#          the 0-Wait row is cap 512 again, graded by this grader, beside its Waits
+#   grace  the graceful cap (cap_grace=64) at two caps (MATH-500 256 and 512, GSM8K 128 and 256)
+#   ee     GSM8K only: the three early-exit rules (bound 4,096) over all 500 items, batch $EEBATCH (probes run
+#          between chunks, so more slots means fewer probe batches per token)
+#   vote   4 samples at T = 0.7, cap 512, majority vote (sampling differs)
 #   u8192  "uncapped": thinking bounded only at 8,192 tokens (the context window, 32,768, would let a greedy loop
-#          run 32K steps, and the fast path's fixed-shape steps make such a tail cost ~2 min), batch 128
-#   waits  1 / 2 / 4 Waits at the cap where the main sweep's accuracy peaks (ties: the smaller cap)
-#   grace  the graceful cap (cap_grace=64) at two caps, its own run directory (the policy differs)
-#   vote   4 samples at T = 0.7, cap 512, majority vote, its own run directory (sampling differs)
+#          run 32K steps, and the fast path's fixed-shape steps make such a tail cost minutes), batch 128
 #
 # Run 2026-12-02 (results/early-exit/README.md): three calls (BUDGET 420, 400, then 270 after
 # `touch /root/ee/.done.math500-main`) covered only the two main steps, and GSM8K's early-exit rows in part: early exit
-# decoded at ~1.5K tokens/s against ~6.8K for the caps (a probe batch nearly every chunk at 256 slots). A next run
-# needs about 15 more minutes of device time for u8192, waits, grace and vote.
+# decoded at ~1.5K tokens/s against ~6.8K for the caps (a probe batch nearly every chunk at 256 slots).
+# Run 2026-12-03: the steps after main (waits, grace, ee, vote, u8192), s1kit at commit 045f508 (`git archive 045f508
+# src | tar -x -C .ee`), in the calls that results/early-exit/README.md lists.
 set -u
 export PYTHONUNBUFFERED=1 S1KIT_CACHE=${S1KIT_CACHE:-/root/cache} S1KIT_COMPILE=0 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
@@ -47,10 +52,10 @@ SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046  # qwen2.5-
 TEST=${TEST:-}
 if [ -n "$TEST" ]; then
   MODEL=smollm2-135m DEVICE=cpu LIMIT="--limit 2" NITEMS=2 CAPS=48,32,16 UNC=64 MGRACE=16,32 GGRACE=16,32 VCAP=32
-  ANSWER=16 BIG=4 SMALL=2
+  ANSWER=16 BIG=4 SMALL=2 PEAK=32 EEB=48 EEBATCH=4 MAINBIG=4
 else
   MODEL=$GGUF DEVICE=cuda LIMIT="" NITEMS=500 CAPS=4096,2048,1024,512,256,128 UNC=8192 MGRACE=256,512 GGRACE=128,256
-  VCAP=512 ANSWER=${ANSWER:-256} BIG=256 SMALL=128
+  VCAP=512 ANSWER=${ANSWER:-256} BIG=${BIG:-512} SMALL=128 PEAK=${PEAK:-512} EEB=4096 EEBATCH=${EEBATCH:-512} MAINBIG=256
 fi
 EE1="every=64,agree=2"
 EE2="words=Wait|So|Therefore|Thus,agree=2"
@@ -136,22 +141,22 @@ EOF
 MATH="--benchmark math500"
 GSM="--benchmark results/early-exit/gsm8k-test-500.jsonl"
 EE=(--early-exit "$EE1" --early-exit "$EE2" --early-exit "$EE3")
-step math500-main math500 $MATH --max-thinking $CAPS "${EE[@]}" --batch-size $BIG
-step gsm8k500-main gsm8k500 $GSM --max-thinking $CAPS "${EE[@]}" --batch-size $BIG
-step math500-u$UNC math500 $MATH --max-thinking $UNC --batch-size $SMALL
-step gsm8k500-u$UNC gsm8k500 $GSM --max-thinking $UNC --batch-size $SMALL
-for b in math500 gsm8k500; do
-  [ -f "$WORK/.done.$b-main" ] || continue
-  p=$(peak_cap $b); echo "peak cap of $b: ${p:-?}"
-  [ -n "$p" ] || continue
-  echo "$p" > "$WORK/$b.peak_cap"
-  if [ "$b" = math500 ]; then bench=$MATH; else bench=$GSM; fi
-  step $b-waits $b $bench --max-thinking $p --waits 1,2,4 --batch-size $BIG
-done
+if [ -n "${MAIN:-}" ]; then  # the first run's steps (2026-12-02)
+  step math500-main math500 $MATH --max-thinking $CAPS "${EE[@]}" --batch-size $MAINBIG
+  step gsm8k500-main gsm8k500 $GSM --max-thinking $CAPS "${EE[@]}" --batch-size $MAINBIG
+  for b in math500 gsm8k500; do
+    p=$(peak_cap $b); echo "peak cap of $b's main sweep: ${p:-?} (the waits step runs at PEAK=$PEAK)"
+  done
+fi
+step math500-waits math500-waits $MATH --max-thinking $PEAK --waits 0,1,2,4 --batch-size $BIG
+step gsm8k500-waits gsm8k500-waits $GSM --max-thinking $PEAK --waits 0,1,2,4 --batch-size $BIG
 step math500-grace math500-grace $MATH --max-thinking $MGRACE --cap-grace 64 --batch-size $BIG
 step gsm8k500-grace gsm8k500-grace $GSM --max-thinking $GGRACE --cap-grace 64 --batch-size $BIG
+step gsm8k500-ee gsm8k500-ee $GSM --method early-exit --max-thinking $EEB "${EE[@]}" --batch-size $EEBATCH
 step math500-vote math500-vote $MATH --max-thinking $VCAP --temperature 0.7 --samples 4 --batch-size $BIG
 step gsm8k500-vote gsm8k500-vote $GSM --max-thinking $VCAP --temperature 0.7 --samples 4 --batch-size $BIG
+step math500-u$UNC math500-u$UNC $MATH --max-thinking $UNC --batch-size $SMALL
+step gsm8k500-u$UNC gsm8k500-u$UNC $GSM --max-thinking $UNC --batch-size $SMALL
 
 [ -n "$SMI" ] && kill $SMI 2>/dev/null
 echo "=== call $CALL done $(date +%T), $(( $(date +%s) - T0 ))s"
