@@ -358,6 +358,7 @@ class FastDecoder:
 
     # -- the engine core's hooks -----------------------------------------------------------------------
 
+    @torch.inference_mode()  # a new workspace's tensors and captured steps must be made in inference mode
     def room(self, waiting: Sequence[Row]) -> int:
         """Free slots; when idle, first a workspace that fits every waiting row."""
         if self.idle:
