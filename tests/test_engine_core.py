@@ -204,3 +204,15 @@ def test_admission_takes_rows_in_order_and_a_row_that_does_not_fit_waits_without
     assert admit_from(queue, 1, lambda r: True) == [0] and list(queue) == [2, 4]
     assert admit_from(queue, 0, lambda r: True) == [] and admit_from(queue, 5, lambda r: False) == []
     assert list(queue) == [2, 4]
+
+
+def test_the_fast_paths_workspace_is_made_in_inference_mode(engine):
+    """A workspace (its cache and, on CUDA, its captured steps) made outside inference mode records autograd work
+    in every step: on the H200 that cost 3.38 against 2.15 ms/step. The core makes it through ``room``."""
+    e = HFEngine(engine.model, engine.tokenizer, batch_size=2, fast=True)
+    e.add(Request("Hi", exact(2)))
+    e.step()
+    ws = e.decoder.ws
+    assert ws.kv.keys[0].is_inference() and ws.logits.is_inference() and ws.tb.phase.is_inference()
+    while e.has_work:
+        e.step()
