@@ -8,7 +8,11 @@ The slice: qwen2.5-coder-0.5b, the first B GSM8K test questions (B = 8 and 16), 
 - ``hf-loop``: today's plain loop (rows leave the batch as they end and queued rows join it), float32 and bfloat16;
 - ``hf-fast``: the fast path's slot cache stepped eagerly on the CPU (no CUDA graphs), float32 and bfloat16;
 - ``llamacpp-server``: ``--engine remote`` against llama-cpp-python's server on loopback (the GGUF as shipped,
-  quantized; the stop-and-continue loop), when ``llama_cpp`` is installed.
+  quantized; the stop-and-continue loop), when ``llama_cpp`` is installed. llama-cpp-python's server has one slot:
+  requests queue behind one another (llama.cpp's own ``llama-server --parallel N`` is not built here);
+- ``s1kit-llamacpp``: ``--engine llamacpp``, the GGUF as shipped in this process, rows batched as llama.cpp sequences;
+- ``llamacpp-raw``: llama-cpp-python alone (``Llama.generate``, greedy) at batch 1: the first question, as many new
+  tokens as ``s1kit-llamacpp`` produced for it (no budget forcing).
 
     .venv/bin/python benchmarks/cpu_throughput.py --json benchmarks/results/cpu_throughput.json
 
@@ -39,7 +43,8 @@ def _questions(n: int) -> list[str]:
 
 def child(args: argparse.Namespace) -> None:
     """Measure one path in this process and print one JSON row."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.path.startswith("hf"):  # not for llama.cpp: its OpenMP threads sleeping between ops cost it ~a third
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -47,8 +52,14 @@ def child(args: argparse.Namespace) -> None:
 
     policy = BudgetPolicy(max_thinking_tokens=128, max_answer_tokens=32)
     requests = [Request(q, policy) for q in _questions(args.batch)]
+    if args.path == "llamacpp-raw":
+        return _raw(args, requests[0])
     t0 = time.perf_counter()
-    if args.path == "llamacpp-server":
+    if args.path == "s1kit-llamacpp":
+        from s1kit.engines.llamacpp import LlamaCppEngine
+
+        engine = LlamaCppEngine.load(args.model, batch_size=args.batch, threads=args.threads, max_model_len=1024)
+    elif args.path == "llamacpp-server":
         from s1kit.engines.remote import RemoteEngine
 
         engine = RemoteEngine(args.base_url, args.model, concurrency=args.batch)
@@ -62,10 +73,36 @@ def child(args: argparse.Namespace) -> None:
     out = engine.generate(requests)
     gen = time.perf_counter() - t1
     tokens = sum(len(c.token_ids) for c in out)
-    print(json.dumps({"path": args.path, "dtype": args.dtype if args.path != "llamacpp-server" else "gguf",
+    print(json.dumps({"path": args.path, "dtype": args.dtype if args.path.startswith("hf") else "gguf",
                       "batch": args.batch, "tokens": tokens, "seconds": gen, "load_s": load, "tok_s": tokens / gen,
                       "tok_s_with_load": tokens / (gen + load), "threads": args.threads,
                       "capped": sum(c.hit_cap for c in out)}))
+
+
+def _raw(args: argparse.Namespace, request) -> None:
+    """llama-cpp-python alone: the prompt s1kit would send, then ``args.tokens`` greedy tokens."""
+    import llama_cpp
+
+    from s1kit.engines.llamacpp import LlamaCppEngine
+    from s1kit.models import gguf_file
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf_file(args.model)), n_ctx=1024, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
+    load = time.perf_counter() - t0
+    probe = LlamaCppEngine.load(args.model, batch_size=1, threads=1, max_model_len=1024)  # the same prompt ids
+    ids = probe.prepare(request).prompt_ids
+    probe.close()
+    t1 = time.perf_counter()
+    n = 0
+    for _ in llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        n += 1
+        if n >= args.tokens:
+            break
+    gen = time.perf_counter() - t1
+    print(json.dumps({"path": "llamacpp-raw", "dtype": "gguf", "batch": 1, "tokens": n, "seconds": gen,
+                      "load_s": load, "tok_s": n / gen, "tok_s_with_load": n / (gen + load), "threads": args.threads,
+                      "capped": 0}))
 
 
 def _run(argv: list[str], pythonpath: str) -> dict:
@@ -99,8 +136,10 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--base-url", default=None)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--batches", default="8,16")
-    p.add_argument("--paths", default="hf-plain,hf-loop,hf-fast,llamacpp-server")
+    p.add_argument("--batches", default="1,8,16")
+    p.add_argument("--paths", default="hf-plain,hf-loop,hf-fast,llamacpp-server,s1kit-llamacpp,llamacpp-raw")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of hf-loop and hf-fast")
+    p.add_argument("--tokens", type=int, default=160, help=argparse.SUPPRESS)  # llamacpp-raw: new tokens
     p.add_argument("--repeats", type=int, default=3, help="runs of each in-process path (the median is kept): "
                                                           "this CPU's speed varies by a third from run to run")
     p.add_argument("--json", default=None)
@@ -120,8 +159,16 @@ def main() -> None:
                     rows.append(_median([_run(base + ["--dtype=float32"], os.path.join(old, "src"))
                                          for _ in range(args.repeats)]))
                 elif path in ("hf-loop", "hf-fast"):
-                    for dt in ("float32", "bfloat16"):
+                    for dt in args.dtypes.split(","):
                         rows.append(_median([_run(base + [f"--dtype={dt}"], src) for _ in range(args.repeats)]))
+                elif path == "s1kit-llamacpp":
+                    rows.append(_median([_run(base, src) for _ in range(args.repeats)]))
+                elif path == "llamacpp-raw":
+                    if b != 1:
+                        continue
+                    first = next((r for r in rows if r["path"] == "s1kit-llamacpp" and r["batch"] == 1), None)
+                    extra = [f"--tokens={first['tokens']}"] if first else []
+                    rows.append(_median([_run(base + extra, src) for _ in range(args.repeats)]))
                 elif path == "llamacpp-server":
                     try:
                         import llama_cpp  # noqa: F401
@@ -153,6 +200,9 @@ def main() -> None:
         if server is not None:
             server.kill()
     print(f"\n{args.model}, GSM8K, thinking cap 128, answer 32, greedy, {args.threads} threads\n")
+    for r in rows:
+        r.update(date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()}-core {os.uname().machine}",
+                 parallel=1 if r["path"] == "llamacpp-server" else None)
     print("| path | dtype | batch | tokens | seconds | tok/s (median) | runs | tok/s with load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

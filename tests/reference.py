@@ -188,3 +188,23 @@ def hf_probe(model: Any, tokenizer: Any, pad_token_id: int) -> Callable[[ProbeCa
                            call.suffix_len + len(probs))
 
     return probe
+
+
+def llama_cpp_requests(plain: Any) -> list:
+    """The requests every llama.cpp engine (a server behind the remote engine, llama.cpp in this process) must decode
+    as the loop does: caps, a minimum, 0-2 Waits with two wait strings, a wait string that ends the turn (the model
+    answers it with <|im_start|>, a stop llama-cpp-python's server hides from its text), cap 0, no forcing.
+    ``plain``: a format that thinks in free text until the turn ends."""
+    from s1kit import Request
+
+    return [
+        Request("A train travels 60 km in 45 minutes. What is its average speed in km/h? Show your reasoning.",
+                BudgetPolicy(max_thinking_tokens=24, max_answer_tokens=8)),
+        Request("What is 17*23?", BudgetPolicy(min_thinking_tokens=20, max_thinking_tokens=40, max_answer_tokens=8)),
+        Request("Name a prime.", BudgetPolicy(num_waits=2, max_thinking_tokens=48, wait_strings=("Wait", " Hmm,"),
+                                              max_answer_tokens=8), plain),
+        Request("What is 17*23?", BudgetPolicy(num_waits=1, max_thinking_tokens=40, wait_strings=("<|im_end|>",),
+                                               max_answer_tokens=8)),
+        Request("Hi", BudgetPolicy(max_thinking_tokens=0, max_answer_tokens=8), plain),
+        Request("What is 17*23?", BudgetPolicy(max_answer_tokens=8)),  # no forcing at all
+    ]

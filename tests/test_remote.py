@@ -19,7 +19,7 @@ from s1kit.engines.remote import RemoteEngine
 from s1kit.evaluate.sweep import build_grid, run_sweep
 from s1kit.models import bundled_files
 
-from reference import stop_and_continue
+from reference import llama_cpp_requests, stop_and_continue
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 THREADS = 2
@@ -127,19 +127,7 @@ def s1kit(*args, timeout=600):
 
 def test_greedy_remote_equals_the_reference_loop_on_llama_cpp(remote, reference):
     im_start = remote.tokenizer.convert_tokens_to_ids("<|im_start|>")
-    requests = [
-        Request("A train travels 60 km in 45 minutes. What is its average speed in km/h? Show your reasoning.",
-                BudgetPolicy(max_thinking_tokens=24, max_answer_tokens=8)),
-        Request("What is 17*23?", BudgetPolicy(min_thinking_tokens=20, max_thinking_tokens=40, max_answer_tokens=8)),
-        Request("Name a prime.", BudgetPolicy(num_waits=2, max_thinking_tokens=48, wait_strings=("Wait", " Hmm,"),
-                                              max_answer_tokens=8), PLAIN),
-        # A wait string that ends the turn: the model answers it by opening a new turn with <|im_start|>, a
-        # stop token that llama-cpp-python generates but hides from its text and cannot stop on.
-        Request("What is 17*23?", BudgetPolicy(num_waits=1, max_thinking_tokens=40, wait_strings=("<|im_end|>",),
-                                               max_answer_tokens=8)),
-        Request("Hi", BudgetPolicy(max_thinking_tokens=0, max_answer_tokens=8), PLAIN),
-        Request("What is 17*23?", BudgetPolicy(max_answer_tokens=8)),  # no forcing at all
-    ]
+    requests = llama_cpp_requests(PLAIN)
     # One request at a time: llama.cpp's logits depend on whether the prefix was decoded token by token or
     # re-read in a batch, and the server keeps only the last request's prefix. In order, it sees exactly
     # the calls the reference makes.

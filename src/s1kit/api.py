@@ -10,16 +10,19 @@ from .engines.base import Completion, Engine, Request, SamplingParams
 from .formats import Messages, ThinkingFormat
 
 
+ENGINES = ("hf", "llamacpp", "remote")
+
+
 def check_engine(engine: str, base_url: str | None = None, **remote_options: Any) -> None:
-    """``ValueError`` unless ``engine`` is ``"hf"`` or ``"remote"`` and the options given belong to it: a remote
-    engine needs ``base_url``; an in-process one takes neither it nor remote options."""
-    if engine not in ("hf", "remote"):
-        raise ValueError(f"unknown engine {engine!r}: use hf or remote")
+    """``ValueError`` unless ``engine`` is one of ``ENGINES`` and the options given belong to it: a remote engine
+    needs ``base_url``; an in-process one (hf, llamacpp) takes neither it nor remote options."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use hf, llamacpp or remote")
     if engine == "remote" and not base_url:
         raise ValueError("the remote engine needs base_url (e.g. http://127.0.0.1:8080/v1)")
-    if engine == "hf" and base_url is not None:
+    if engine != "remote" and base_url is not None:
         raise ValueError("base_url is only used with the remote engine")
-    if engine == "hf" and remote_options:
+    if engine != "remote" and remote_options:
         raise ValueError(f"{' and '.join(sorted(remote_options))} is only used with the remote engine")
 
 
@@ -33,12 +36,21 @@ def make_engine(
     max_model_len: int | None = None,
     **remote_options: Any,
 ) -> Engine:
-    """An engine by kind: ``"hf"`` (in-process transformers) or ``"remote"`` (an OpenAI-compatible server).
+    """An engine by kind: ``"hf"`` (in-process transformers), ``"llamacpp"`` (a GGUF in-process through llama.cpp,
+    on the CPU) or ``"remote"`` (an OpenAI-compatible server).
 
-    ``max_model_len`` fixes the hf fast path's cache length (a server). ``remote_options`` (``api_key``,
-    ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
+    ``max_model_len`` fixes the hf fast path's cache length (a server) and bounds each llama.cpp sequence.
+    ``remote_options`` (``api_key``, ``tokenizer``, ``concurrency``, ``timeout`` ...) go to ``RemoteEngine``.
     """
     check_engine(engine, base_url, **remote_options)
+    if engine == "llamacpp":
+        from .engines.llamacpp import LlamaCppEngine
+
+        if device not in (None, "cpu"):
+            raise ValueError(f"the llamacpp engine runs on the CPU, not {device!r}")
+        if dtype is not None:
+            raise ValueError("dtype is only used with the hf engine (llama.cpp computes in the GGUF's own types)")
+        return LlamaCppEngine.load(model, batch_size=batch_size, max_model_len=max_model_len)
     if engine == "hf":
         from .engines.hf import HFEngine
 

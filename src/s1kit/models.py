@@ -220,6 +220,35 @@ def resolve(ref: str) -> Path | str:
     return found
 
 
+def check_gguf(ref: str) -> None:
+    """Fail now, cheaply, unless ``ref`` is a bundled name whose packages are installed or a ``.gguf`` file."""
+    if ref in BUNDLED:
+        bundled_files(BUNDLED[ref])
+    elif not ref.endswith(".gguf"):
+        raise S1KitError(f"the llamacpp engine runs GGUF files: {ref!r} is not a bundled name or a .gguf file")
+    else:
+        _local_or_hub(ref)
+
+
+def gguf_file(ref: str) -> Path:
+    """The GGUF file of a bundled name (verified, its parts joined once into the cache) or a ``.gguf`` path, for
+    engines that run GGUF weights as they are (llama.cpp)."""
+    if ref in BUNDLED:
+        model = BUNDLED[ref]
+        parts = bundled_files(model)
+        if len(parts) == 1:
+            _assemble_gguf(model, cache_dir())  # verifies size and sha256
+            return parts[0]
+        target = cache_dir() / "gguf" / f"{ref}-{model.sha256[:12]}.gguf"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as work:
+                os.replace(_assemble_gguf(model, Path(work)), target)
+        return target
+    check_gguf(ref)
+    return _local_or_hub(ref)
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     import torch

@@ -12,7 +12,8 @@ from .engine import EngineChoice
 
 
 @command(epilog="Example: s1kit chat --model qwen2.5-coder-0.5b --max-thinking 256   then type a question; "
-                "/budget 64, /waits 2, /format r1 between turns; Ctrl-C stops an answer, Ctrl-D leaves")
+                "/budget 64, /waits 2, /format r1 between turns; Ctrl-C stops an answer, Ctrl-D leaves. "
+                "On a laptop: s1kit chat --engine llamacpp --model qwen2.5-coder-0.5b (the GGUF as shipped)")
 def chat(
     model: opt.Model = "smollm2-135m",
     max_thinking: Optional[int] = typer.Option(256, help="Cap on thinking tokens (/budget N|none to change)."),
@@ -24,6 +25,8 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     device: opt.Device = None,
     dtype: opt.Dtype = None,
+    engine_kind: opt.EngineKind = "hf",
+    base_url: opt.BaseUrl = None,
 ) -> None:
     """Chat in the terminal with a thinking budget: the thinking streams dimmed, then the answer."""
     from rich.console import Console
@@ -34,7 +37,7 @@ def chat(
                           max_answer_tokens=max_answer)
     asked = opt.format_choice(format)
     sampling = SamplingParams(temperature=temperature)
-    choice = EngineChoice(model, device=device, dtype=dtype, batch_size=1)
+    choice = EngineChoice(model, kind=engine_kind, base_url=base_url, device=device, dtype=dtype, batch_size=1)
     choice.check()
     Console(stderr=True).print(f"loading {model} ...", style="dim", markup=False)
     engine = choice.open()

@@ -41,7 +41,8 @@ def check_device(device: str | None) -> None:
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """``--engine hf`` (in this process) or ``--engine remote --base-url URL``, with the options of each."""
+    """``--engine hf`` or ``llamacpp`` (in this process) or ``--engine remote --base-url URL``, with the options of
+    each."""
 
     model: str
     kind: str = "hf"
@@ -66,8 +67,12 @@ class EngineChoice:
         from ..models import torch_dtype
 
         check_engine(self.kind, self.base_url, **({} if self.tokenizer is None else {"tokenizer": self.tokenizer}))
-        if self.kind == "hf" and self.plugin is not None:
+        if self.kind != "remote" and self.plugin is not None:
             raise ValueError("--vllm-plugin is only used with --engine remote")
+        if self.kind == "llamacpp" and self.device not in (None, "cpu"):
+            raise ValueError(f"--engine llamacpp runs on the CPU: --device {self.device} is not for it")
+        if self.kind == "llamacpp" and self.dtype is not None:
+            raise ValueError("--dtype is only used with --engine hf (llama.cpp computes in the GGUF's own types)")
         if self.kind == "hf":
             check_device(self.device)
         if self.kind == "hf" and self.dtype is not None:
@@ -79,6 +84,10 @@ class EngineChoice:
 
         if self.kind == "hf" and self.model:
             check_reference(self.model)
+        if self.kind == "llamacpp" and self.model:
+            from ..models import check_gguf
+
+            check_gguf(self.model)
 
     def precision(self) -> str | None:
         """The dtype the model computes in (what a run records): the one asked for, else the device's default."""

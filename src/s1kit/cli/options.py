@@ -50,7 +50,8 @@ Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... [defa
 Dtype = Annotated[Optional[str], typer.Option(help="float32, bfloat16 ... [default: bfloat16 on a GPU and on CPUs "
                                                    "with native bfloat16 (AVX512-BF16, AMX), else float32]")]
 BatchSize = Annotated[int, typer.Option(help="Sequences decoded together.")]
-EngineKind = Annotated[str, typer.Option("--engine", help="hf (in this process) or remote (an OpenAI-compatible server).")]
+EngineKind = Annotated[str, typer.Option("--engine", help="hf (transformers in this process), llamacpp (a GGUF in this "
+                                         "process through llama.cpp, CPU) or remote (an OpenAI-compatible server).")]
 BaseUrl = Annotated[Optional[str], typer.Option(help="Server URL for --engine remote, e.g. http://127.0.0.1:8080/v1")]
 RemoteTokenizer = Annotated[Optional[str], typer.Option(
     help="Tokenizer for --engine remote (bundled name, dir, .gguf). [default: --model]")]
