@@ -75,6 +75,18 @@ def test_stop_thinking_and_abort_through_the_core(llama):
     assert llama.used_cells == 0
 
 
+def test_a_probe_leaves_no_trace_in_its_sequence(llama):
+    """Early-exit probes decode on the row's own sequence and then remove those cells: with a rule that never
+    settles, the row's tokens are those of the same request without early exit."""
+    never = EarlyExit(every=8, agree=1000, probe_tokens=4)
+    plain = Request("Explain why the sky is blue.", BudgetPolicy(max_thinking_tokens=40, max_answer_tokens=6), PLAIN)
+    probed = Request("Explain why the sky is blue.", BudgetPolicy(max_thinking_tokens=40, max_answer_tokens=6,
+                                                                  early_exit=never), PLAIN)
+    [a], [b] = llama.generate([plain]), llama.generate([probed])
+    assert b.probe_tokens > 0  # probes ran (at 8, 16, 24 and 32 thinking tokens)
+    assert a.token_ids == b.token_ids and not b.early_exit
+
+
 def test_a_sequence_does_not_hear_its_neighbours(llama):
     """The same request beside two different neighbours of the same length gives the same tokens: sequences share
     the KV pool and every batch, never each other's cells. (llama.cpp's numbers do depend on the batch's shape, so

@@ -9,8 +9,9 @@ KV cache and its slot taken by the next queued row.
 
 Memory: the context holds ``n_ctx`` KV cells shared by every sequence (llama.cpp's unified KV cache); a row is
 admitted only when the cells its prompt and its longest possible generation need are free (``_fits``), so a
-decode never runs out of cells. Early-exit probes copy a row's sequence into a spare sequence id
-(``llama_memory_seq_cp``), decode the answer opener and prefix and a greedy answer there, and drop it.
+decode never runs out of cells. An early-exit probe decodes the answer opener and prefix and a greedy answer on
+the row's own sequence, past its last token, then removes those cells (``llama_memory_seq_rm`` from its position
+on): the row goes on as if nothing was decoded.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class LlamaCppEngine(EngineCore):
     machine's cores."""
 
     def __init__(self, gguf: str | Path, tokenizer: Any, batch_size: int = 8, threads: int | None = None,
-                 max_model_len: int | None = None, n_ctx: int | None = None) -> None:
+                 max_model_len: int | None = None, n_ctx: int | None = None, unified: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -83,12 +84,14 @@ class LlamaCppEngine(EngineCore):
         self.max_context = min(trained, max_model_len or 4096) if trained > 0 else (max_model_len or 4096)
         eos = [t for t in (L.llama_vocab_eos(vocab), L.llama_vocab_eot(vocab)) if t >= 0]
         self.compile = ForcingCompiler(tokenizer, eos)
-        self.probe_seqs = batch_size  # spare sequence ids for early-exit probes: [batch_size, 2 * batch_size)
         p = L.llama_context_default_params()
         p.n_ctx = n_ctx or batch_size * self.max_context
         p.n_batch = p.n_ubatch = max(512, batch_size)
-        p.n_seq_max = 2 * batch_size
-        p.kv_unified = True  # one pool of cells: a long row and a short one share it as they need
+        p.n_seq_max = batch_size
+        # unified: one pool of cells that a long row and a short one share as they need; else n_ctx / batch_size
+        # cells for each sequence, attended apart
+        p.kv_unified = unified
+        self.unified = unified
         p.n_threads = p.n_threads_batch = threads or os.cpu_count() or 1
         p.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, p)
@@ -96,6 +99,7 @@ class LlamaCppEngine(EngineCore):
             L.llama_model_free(self.model)
             raise S1KitError(f"llama.cpp could not make a context of {p.n_ctx} cells for {gguf}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.seq_cells = self.n_ctx if unified else self.n_ctx // batch_size  # the most one sequence may hold
         self.mem = L.llama_get_memory(self.ctx)
         self.n_batch = p.n_batch
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -146,9 +150,9 @@ class LlamaCppEngine(EngineCore):
 
     def _fits(self, row: Row) -> bool:
         need = self._cells(row)
-        if need > self.n_ctx:  # it would never fit: let it in alone rather than wait forever (the context ends it)
+        if need > self.seq_cells:  # it would never fit: let it in alone rather than wait forever (the context ends it)
             return not self._rows
-        return self.used_cells + need <= self.n_ctx
+        return not self.unified or self.used_cells + need <= self.n_ctx
 
     def _admit(self, rows: list[Row]) -> None:
         """Give each row a sequence; its prompt is decoded with the next step's batch."""
@@ -157,7 +161,7 @@ class LlamaCppEngine(EngineCore):
             greedy = r.request.sampling.greedy
             seq = _Seq(self._free_slots.pop(0), BudgetState(r.request.policy, p.tokens, p.cap),
                        None if greedy else np.random.default_rng(r.seed))
-            seq.cells = min(self._cells(r), self.n_ctx)
+            seq.cells = min(self._cells(r), self.seq_cells)
             self.used_cells += seq.cells
             r.slot = seq
             self._rows.append(r)
@@ -270,16 +274,14 @@ class LlamaCppEngine(EngineCore):
         return got
 
     def _probe(self, row: Row, seq: _Seq) -> None:
-        """An early-exit probe of ``row`` now: its sequence copied to a spare id, the answer opener and prefix fed
-        there and a greedy answer decoded; the result goes to its machine."""
+        """An early-exit probe of ``row`` now: the answer opener and prefix and a greedy answer decoded on its own
+        sequence past its last token, then those cells removed; the result goes to its machine."""
         L, st = self._L, seq.state
         ee = row.request.policy.early_exit
-        spare = _Seq(self.probe_seqs + seq.slot, st, None)
-        spare.pos = seq.pos
-        L.llama_memory_seq_cp(self.mem, seq.slot, spare.slot, -1, -1)
+        start = seq.pos
         try:
             opener, prefix = st.probe_suffix()
-            logits = self._run([(spare, list(opener) + list(prefix))], keep_logits=False)[spare.slot]
+            logits = self._run([(seq, list(opener) + list(prefix))], keep_logits=False)[seq.slot]
             answer, probs = [], []
             end = row.prepared.tokens.end_ids
             for _ in range(ee.probe_tokens):
@@ -291,9 +293,10 @@ class LlamaCppEngine(EngineCore):
                 answer.append(tok)
                 if len(answer) == ee.probe_tokens:
                     break
-                logits = self._run([(spare, [tok])], keep_logits=False)[spare.slot]
+                logits = self._run([(seq, [tok])], keep_logits=False)[seq.slot]
         finally:
-            L.llama_memory_seq_rm(self.mem, spare.slot, -1, -1)
+            L.llama_memory_seq_rm(self.mem, seq.slot, start, -1)
+            seq.pos = start
         text = self.tokenizer.decode(list(prefix) + answer, skip_special_tokens=True)
         st.observe_probe(normalized_answer(text), sum(probs) / len(probs) if probs else 0.0,
                          len(opener) + len(prefix) + len(probs))
