@@ -9,7 +9,8 @@ The slice: qwen2.5-coder-0.5b, the first B GSM8K test questions (B = 8 and 16), 
 - ``hf-fast``: the fast path's slot cache stepped eagerly on the CPU (no CUDA graphs), float32 and bfloat16;
 - ``llamacpp-server``: ``--engine remote`` against llama-cpp-python's server on loopback (the GGUF as shipped,
   quantized; the stop-and-continue loop), when ``llama_cpp`` is installed. llama-cpp-python's server has one slot:
-  requests queue behind one another (llama.cpp's own ``llama-server --parallel N`` is not built here);
+  requests queue behind one another. With ``--llama-server PATH`` (llama.cpp's own server binary) the peer is that
+  server instead, started for each batch size with as many parallel slots as the batch (``--parallel B``);
 - ``s1kit-llamacpp``: ``--engine llamacpp``, the GGUF as shipped in this process, rows batched as llama.cpp sequences;
 - ``llamacpp-raw``: llama-cpp-python alone (``Llama.generate``, greedy) at batch 1: the first question, as many new
   tokens as ``s1kit-llamacpp`` produced for it (no budget forcing).
@@ -142,6 +143,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=160, help=argparse.SUPPRESS)  # llamacpp-raw: new tokens
     p.add_argument("--repeats", type=int, default=3, help="runs of each in-process path (the median is kept): "
                                                           "this CPU's speed varies by a third from run to run")
+    p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary: the server peer, with "
+                                                        "--parallel equal to the batch")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.child:
@@ -151,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as old:
         # "today's loop" as it was: that commit's package, exported (nothing of it is committed here)
         subprocess.run(f"git -C {ROOT} archive {BEFORE} src | tar -x -C {old}", shell=True, check=True)
-        server = None
+        server, server_slots = None, 1
         for b in (int(x) for x in args.batches.split(",")):
             for path in args.paths.split(","):
                 base = [f"--path={path}", f"--batch={b}", f"--model={args.model}", f"--threads={args.threads}"]
@@ -175,18 +178,23 @@ def main() -> None:
                     except ImportError:
                         print("llama_cpp is not installed: skipping llamacpp-server", file=sys.stderr)
                         continue
+                    if args.llama_server and server is not None and server_slots != b:
+                        server.kill()  # llama-server: one slot per request of the batch
+                        server = None
                     if server is None:
-                        from s1kit.models import BUNDLED, bundled_files
+                        from s1kit.models import gguf_file
 
-                        gguf = os.path.join(old, "model.gguf")  # the shipped parts, joined as llama.cpp reads one file
-                        with open(gguf, "wb") as f:
-                            for part in bundled_files(BUNDLED[args.model]):
-                                f.write(part.read_bytes())
+                        gguf = str(gguf_file(args.model))
                         port = _free_port()
-                        server = subprocess.Popen(
-                            [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        if args.llama_server:
+                            cmd = [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+                                   "-c", str(1024 * b), "--parallel", str(b), "--threads", str(args.threads),
+                                   "--threads-batch", str(args.threads)]
+                        else:
+                            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                                   "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads)]
+                        server, server_slots = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                                stderr=subprocess.DEVNULL), b if args.llama_server else 1
                         url = f"http://127.0.0.1:{port}/v1"
                         for _ in range(240):
                             try:
@@ -194,15 +202,17 @@ def main() -> None:
                                     break
                             except OSError:
                                 time.sleep(0.5)
-                    rows.append(_run(base + [f"--base-url={url}"], src))
+                    row = _run(base + [f"--base-url={url}"], src)
+                    row["parallel"] = server_slots
+                    rows.append(row)
                 print("\n".join(json.dumps(r) for r in rows if r["batch"] == b and r["path"] == path),
                       file=sys.stderr, flush=True)
         if server is not None:
             server.kill()
     print(f"\n{args.model}, GSM8K, thinking cap 128, answer 32, greedy, {args.threads} threads\n")
     for r in rows:
-        r.update(date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()}-core {os.uname().machine}",
-                 parallel=1 if r["path"] == "llamacpp-server" else None)
+        r.update(date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()}-core {os.uname().machine}")
+        r.setdefault("parallel", None)
     print("| path | dtype | batch | tokens | seconds | tok/s (median) | runs | tok/s with load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
