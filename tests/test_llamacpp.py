@@ -159,3 +159,13 @@ def test_cli_generate_on_llamacpp_and_its_refusals():
                           (["--model", "HuggingFaceTB/SmolLM2-135M"], "runs GGUF files")]:
         r = s1kit("generate", "--engine", "llamacpp", *args, "Hi")
         assert r.returncode == 2 and r.stderr.count("error:") == 1 and message in r.stderr, r.stderr
+
+
+def test_chat_picks_llamacpp_for_a_gguf_model_on_the_cpu():
+    """``s1kit chat --engine auto`` (its default): llama.cpp for a bundled or .gguf model on the CPU, else hf."""
+    from s1kit.cli.engine import auto_engine
+
+    assert auto_engine("smollm2-135m", None, None)[0] == ("hf" if __import__("torch").cuda.is_available() else "llamacpp")
+    assert auto_engine("smollm2-135m", "cpu", None) == ("llamacpp", "a GGUF model on the CPU")
+    assert auto_engine("smollm2-135m", "cpu", "float32")[0] == "hf"
+    assert auto_engine("HuggingFaceTB/SmolLM2-135M", "cpu", None) == ("hf", "not a GGUF model")

@@ -13,7 +13,8 @@ from .engine import EngineChoice
 
 @command(epilog="Example: s1kit chat --model qwen2.5-coder-0.5b --max-thinking 256   then type a question; "
                 "/budget 64, /waits 2, /format r1 between turns; Ctrl-C stops an answer, Ctrl-D leaves. "
-                "On a laptop: s1kit chat --engine llamacpp --model qwen2.5-coder-0.5b (the GGUF as shipped)")
+                "--engine auto (the default) runs a bundled or .gguf model in llama.cpp on the CPU when "
+                "llama-cpp-python is installed, else transformers")
 def chat(
     model: opt.Model = "smollm2-135m",
     max_thinking: Optional[int] = typer.Option(256, help="Cap on thinking tokens (/budget N|none to change)."),
@@ -25,7 +26,8 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     device: opt.Device = None,
     dtype: opt.Dtype = None,
-    engine_kind: opt.EngineKind = "hf",
+    engine_kind: str = typer.Option("auto", "--engine", help="auto, hf, llamacpp or remote (see generate --help); "
+                                    "auto: llamacpp for a GGUF model on the CPU when it is installed, else hf."),
     base_url: opt.BaseUrl = None,
 ) -> None:
     """Chat in the terminal with a thinking budget: the thinking streams dimmed, then the answer."""
@@ -37,6 +39,11 @@ def chat(
                           max_answer_tokens=max_answer)
     asked = opt.format_choice(format)
     sampling = SamplingParams(temperature=temperature)
+    if engine_kind == "auto":
+        from .engine import auto_engine
+
+        engine_kind, why = auto_engine(model, device, dtype)
+        Console(stderr=True).print(f"engine {engine_kind} (auto: {why})", style="dim", markup=False)
     choice = EngineChoice(model, kind=engine_kind, base_url=base_url, device=device, dtype=dtype, batch_size=1)
     choice.check()
     Console(stderr=True).print(f"loading {model} ...", style="dim", markup=False)

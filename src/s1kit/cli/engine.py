@@ -39,6 +39,28 @@ def check_device(device: str | None) -> None:
         raise S1KitError(f"--device {device}: not a device s1kit runs on (use cpu, cuda or cuda:N)")
 
 
+def auto_engine(model: str, device: str | None, dtype: str | None) -> tuple[str, str]:
+    """``--engine auto`` (chat): llama.cpp for a GGUF model (a bundled name or a .gguf file) on the CPU with no
+    ``--dtype`` when llama-cpp-python is installed (one chat is batch 1: 5x the hf engine here), else hf; with why."""
+    import importlib.util
+
+    from ..models import BUNDLED
+
+    gguf = model.endswith(".gguf") or model in BUNDLED
+    if not gguf:
+        return "hf", "not a GGUF model"
+    if dtype is not None or device not in (None, "cpu"):
+        return "hf", "--dtype or --device asks for transformers"
+    if device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "hf", "a GPU is visible"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "hf", "llama-cpp-python is not installed (pip install 's1kit[cpu]')"
+    return "llamacpp", "a GGUF model on the CPU"
+
+
 @dataclass(frozen=True)
 class EngineChoice:
     """``--engine hf`` or ``llamacpp`` (in this process) or ``--engine remote --base-url URL``, with the options of
