@@ -39,13 +39,15 @@ def chat(
                           max_answer_tokens=max_answer)
     asked = opt.format_choice(format)
     sampling = SamplingParams(temperature=temperature)
+    why = None
     if engine_kind == "auto":
         from .engine import auto_engine
 
         engine_kind, why = auto_engine(model, device, dtype)
-        Console(stderr=True).print(f"engine {engine_kind} (auto: {why})", style="dim", markup=False)
     choice = EngineChoice(model, kind=engine_kind, base_url=base_url, device=device, dtype=dtype, batch_size=1)
-    choice.check()
+    choice.check()  # a bad option is one error: line, before anything else is said
+    if why is not None:
+        Console(stderr=True).print(f"engine {engine_kind} (auto: {why})", style="dim", markup=False)
     Console(stderr=True).print(f"loading {model} ...", style="dim", markup=False)
     engine = choice.open()
     session_format = opt.model_format(asked, engine.tokenizer)
