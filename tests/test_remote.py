@@ -147,6 +147,17 @@ def test_greedy_remote_equals_the_reference_loop_on_llama_cpp(remote, reference)
     assert {c.waits_used for c in completions} >= {0, 1, 2}
     assert any(c.hit_cap for c in completions) and any(not c.hit_cap for c in completions)
     assert im_start in reference.ends
+    # llama.cpp in this process (--engine llamacpp) on the same GGUF, one request at a time: the server's tokens
+    from s1kit.engines.llamacpp import LlamaCppEngine
+
+    local = LlamaCppEngine.load("smollm2-135m", batch_size=1, threads=THREADS, max_model_len=2048)
+    try:
+        for req, c in zip(requests, completions):
+            [mine] = local.generate([req])
+            assert (mine.token_ids, mine.thinking_tokens, mine.waits_used, mine.hit_cap, mine.finish_reason) == (
+                c.token_ids, c.thinking_tokens, c.waits_used, c.hit_cap, c.finish_reason)
+    finally:
+        local.close()
 
 
 def test_cap_min_and_waits_are_exact_on_the_server(remote):
