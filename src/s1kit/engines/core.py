@@ -14,7 +14,7 @@ with their kinds, its budget machine's counters, how the row ended), and the cor
 ``Trace`` (``apply``) and publishes. Each backend keeps its own budget machine (a ``BudgetState`` per row on the
 host, or ``TensorBudget`` on the device); only the core writes ``row.trace``, on the stepping thread.
 
-Backends (the hf plain loop, the hf fast path, the remote engine) implement ``_room``, ``_fits``, ``_admit``,
+Backends (the hf plain loop, the hf fast path, llama.cpp, the remote engine) implement ``_room``, ``_fits``, ``_admit``,
 ``_decode``, ``_cancel``, ``_stop_thinking`` and ``_seed``.
 """
 
@@ -97,7 +97,7 @@ class StepOutput:
 
 
 class HostPlace:
-    """A row's place in a backend that steps its budget machine on the host (the plain loop, the remote engine):
+    """A row's place in a backend that steps its budget machine on the host (plain loop, llama.cpp, remote engine):
     the machine (a ``BudgetState``, set when the row starts), how much of it was reported, and the failure that
     ended the row, if one did."""
 
