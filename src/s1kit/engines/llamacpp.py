@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +49,33 @@ def _silence(L: Any) -> None:
     if _QUIET is None:
         _QUIET = L.llama_log_callback(lambda level, text, data: None)
         L.llama_log_set(_QUIET, ctypes.c_void_p(0))
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer inside a GGUF file. Building it takes transformers ~10 s for a 150K vocabulary, so it is saved
+    under ``$S1KIT_CACHE/tokenizers`` (keyed by the file's path, size and modification time) and read from there."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from ..models import cache_dir
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    saved = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    if (saved / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tmp = saved.with_name(saved.name + f".tmp-{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, saved)
+        except OSError:  # another process saved it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class _Seq(HostPlace):
@@ -111,15 +139,11 @@ class LlamaCppEngine(EngineCore):
     @classmethod
     def load(cls, ref: str, batch_size: int = 8, threads: int | None = None,
              max_model_len: int | None = None) -> "LlamaCppEngine":
-        """Load a bundled name or a ``.gguf`` file (its tokenizer read from the GGUF itself)."""
+        """Load a bundled name or a ``.gguf`` file (its tokenizer read from the GGUF itself, once: then cached)."""
         from ..models import gguf_file
-        from transformers import AutoTokenizer
 
         path = gguf_file(ref)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return cls(path, tokenizer, batch_size=batch_size, threads=threads, max_model_len=max_model_len)
+        return cls(path, _gguf_tokenizer(path), batch_size=batch_size, threads=threads, max_model_len=max_model_len)
 
     def close(self) -> None:
         """Free the context and the model."""
